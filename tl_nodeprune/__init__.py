@@ -1,0 +1,24 @@
+"""tl_nodeprune: find circuits by learning node masks at several granularities at once."""
+
+from . import planted, tasks
+from .circuit import Circuit
+from .evaluate import Evaluation, evaluate
+from .gates import HardConcrete
+from .pruner import NodePruner, PruneConfig, PruneResult
+from .sites import GRANULARITIES, ModelShape
+from .tasks import PromptTask
+
+__all__ = [
+    "GRANULARITIES",
+    "Circuit",
+    "Evaluation",
+    "HardConcrete",
+    "ModelShape",
+    "NodePruner",
+    "PromptTask",
+    "PruneConfig",
+    "PruneResult",
+    "evaluate",
+    "planted",
+    "tasks",
+]

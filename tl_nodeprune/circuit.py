@@ -1,0 +1,232 @@
+"""`Circuit`: which nodes are kept, with gate values, at every granularity; JSON save/load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .sites import GRANULARITIES, PARENT, ModelShape, check_granularity
+
+FORMAT = "tl_nodeprune.circuit"
+VERSION = 1
+
+
+@dataclass
+class Circuit:
+    """Gate values per granularity (one tensor each, shaped `shape.units(g)`) and a threshold.
+
+    A node is kept when its own gate exceeds `threshold` and its parent is kept (a head
+    inside a pruned attention block is pruned). Granularities without gates count as
+    fully kept inside their parents. Node names: `a3` attention block 3, `a3.h5` head 5
+    of layer 3, `m3` MLP block 3, `m3.n17` neuron 17, `a3.h5.d2` value dimension 2.
+    """
+
+    shape: ModelShape
+    gates: dict[str, Tensor]
+    threshold: float = 0.5
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for g, t in self.gates.items():
+            check_granularity(g)
+            if tuple(t.shape) != self.shape.units(g):
+                raise ValueError(
+                    f"Gates for {g!r} have shape {tuple(t.shape)}, expected "
+                    f"{self.shape.units(g)} for this model."
+                )
+        self.gates = {g: t.detach().float().cpu() for g, t in self.gates.items()}
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def full(cls, shape: ModelShape) -> Circuit:
+        """Every block open: the whole model."""
+        return cls(shape, {g: torch.ones(shape.units(g)) for g in shape.blocks()})
+
+    @classmethod
+    def empty(cls, shape: ModelShape) -> Circuit:
+        """Every block closed: only embeddings and unembedding remain."""
+        return cls(shape, {g: torch.zeros(shape.units(g)) for g in shape.blocks()})
+
+    @classmethod
+    def from_nodes(
+        cls, shape: ModelShape, nodes: list[str], granularities: tuple[str, ...]
+    ) -> Circuit:
+        """A binary circuit from node names, with gates for `granularities` (all else closed)."""
+        gates = {g: torch.zeros(shape.units(g)) for g in granularities}
+        for name in nodes:
+            g, index = parse_node(name)
+            if g not in gates:
+                raise ValueError(f"Node {name!r} is a {g}, but granularities are {granularities}.")
+            gates[g][index] = 1.0
+        return cls(shape, gates)
+
+    # -- membership ---------------------------------------------------------------------
+    def own_kept(self, granularity: str) -> Tensor:
+        """Nodes whose own gate is open, ignoring their parents (all True if not gated)."""
+        check_granularity(granularity)
+        if granularity in self.gates:
+            return self.gates[granularity] > self.threshold
+        return torch.ones(self.shape.units(granularity), dtype=torch.bool)
+
+    def kept(self, granularity: str) -> Tensor:
+        """Nodes kept with the hierarchy applied: own gate open and parent kept."""
+        own = self.own_kept(granularity)
+        if granularity not in PARENT:
+            return own
+        parent = self.kept(PARENT[granularity])
+        return own & parent.reshape(*parent.shape, *([1] * (own.dim() - parent.dim())))
+
+    @property
+    def granularities(self) -> tuple[str, ...]:
+        return tuple(g for g in GRANULARITIES if g in self.gates)
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        """Kept heads as (layer, head)."""
+        return [(int(layer), int(h)) for layer, h in self.kept("head").nonzero().tolist()]
+
+    @property
+    def neurons(self) -> dict[int, list[int]]:
+        """Kept MLP neurons per layer (layers whose MLP block is kept)."""
+        kept = self.kept("neuron")
+        return {
+            layer: kept[layer].nonzero().flatten().tolist()
+            for layer in range(kept.shape[0])
+            if kept[layer].any()
+        }
+
+    @property
+    def attn_blocks(self) -> list[int]:
+        return self.kept("attn").nonzero().flatten().tolist()
+
+    @property
+    def mlp_blocks(self) -> list[int]:
+        return self.kept("mlp").nonzero().flatten().tolist() if self.shape.d_mlp else []
+
+    @property
+    def nodes(self) -> list[str]:
+        """Names of every kept node at every gated granularity."""
+        return [name for g in self.granularities for name in _names(g, self.kept(g))]
+
+    def n_kept(self, granularity: str) -> int:
+        return int(self.kept(granularity).sum())
+
+    def fraction(self, granularity: str) -> float:
+        return self.n_kept(granularity) / self.kept(granularity).numel()
+
+    def summary(self) -> pd.DataFrame:
+        """Kept nodes per granularity: count, total and fraction."""
+        rows = [
+            {
+                "granularity": g,
+                "kept": self.n_kept(g),
+                "total": self.kept(g).numel(),
+                "fraction": self.fraction(g),
+            }
+            for g in GRANULARITIES
+            if self.shape.has(g) and (g in self.gates or g in ("attn", "mlp"))
+        ]
+        return pd.DataFrame(rows).set_index("granularity")
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per gated node: name, granularity, layer, unit index, gate value, kept."""
+        frames = []
+        for g in self.granularities:
+            gate, kept = self.gates[g], self.kept(g)
+            index = torch.ones_like(gate, dtype=torch.bool).nonzero()
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "name": _names(g, torch.ones_like(kept)),
+                        "granularity": g,
+                        "layer": index[:, 0].numpy(),
+                        "unit": index[:, 1].numpy() if index.shape[1] > 1 else -1,
+                        "gate": gate.flatten().numpy(),
+                        "kept": kept.flatten().numpy(),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def __repr__(self) -> str:
+        parts = [f"{g}={self.n_kept(g)}/{self.kept(g).numel()}" for g in self.summary().index]
+        return f"Circuit({self.shape.name}: {', '.join(parts)})"
+
+    # -- persistence --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.shape.to_dict(),
+            "threshold": self.threshold,
+            "gates": {g: t.tolist() for g, t in self.gates.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Circuit:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"Not a tl_nodeprune circuit (format={data.get('format')!r}).")
+        if data.get("version") != VERSION:
+            raise ValueError(f"Circuit format version {data.get('version')} is not {VERSION}.")
+        shape = ModelShape.from_dict(data["model"])
+        gates = {g: torch.tensor(v, dtype=torch.float32) for g, v in data["gates"].items()}
+        return cls(shape, gates, float(data["threshold"]), dict(data.get("meta", {})))
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON (no pickle), carrying the model's shape so loading can check it."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Circuit:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def check_model(self, model: Any) -> None:
+        """Raise a ValueError when `model` has another shape than the circuit's model."""
+        ModelShape.from_model(model).check_same(self.shape)
+
+
+_PREFIX = {"attn": "a", "mlp": "m"}
+_UNIT = {"head": ("a", "h"), "neuron": ("m", "n")}
+
+
+def _names(granularity: str, mask: Tensor) -> list[str]:
+    out = []
+    for idx in mask.nonzero().tolist():
+        if granularity in _PREFIX:
+            out.append(f"{_PREFIX[granularity]}{idx[0]}")
+        elif granularity in _UNIT:
+            block, unit = _UNIT[granularity]
+            out.append(f"{block}{idx[0]}.{unit}{idx[1]}")
+        else:
+            out.append(f"a{idx[0]}.h{idx[1]}.d{idx[2]}")
+    return out
+
+
+def parse_node(name: str) -> tuple[str, tuple[int, ...]]:
+    """`'a3.h5'` -> ('head', (3, 5)); the inverse of the node naming grammar."""
+    try:
+        parts = name.split(".")
+        block, layer = parts[0][0], int(parts[0][1:])
+        index = (layer, *(int(p[1:]) for p in parts[1:]))
+        kinds = {
+            ("a", ""): "attn",
+            ("m", ""): "mlp",
+            ("a", "h"): "head",
+            ("m", "n"): "neuron",
+            ("a", "hd"): "head_dim",
+        }
+        return kinds[(block, "".join(p[0] for p in parts[1:]))], index
+    except (KeyError, ValueError, IndexError):
+        raise ValueError(
+            f"Bad node name {name!r}; use a3 (attention block), a3.h5 (head), m3 (MLP block), "
+            "m3.n17 (neuron) or a3.h5.d2 (head value dimension)."
+        ) from None

@@ -1,0 +1,84 @@
+"""Hard-concrete (L0) gates, one learnable `log_alpha` per node (Louizos et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from .sites import ModelShape
+
+
+@dataclass(frozen=True)
+class HardConcrete:
+    """Temperature `beta` and stretch interval (`gamma`, `zeta`) of hard-concrete gates."""
+
+    beta: float = 2 / 3
+    gamma: float = -0.1
+    zeta: float = 1.1
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ValueError(f"HardConcrete.beta must be > 0, got {self.beta}.")
+        if not (self.gamma < 0 < 1 < self.zeta):
+            raise ValueError(
+                f"HardConcrete needs gamma < 0 and zeta > 1 (got gamma={self.gamma}, "
+                f"zeta={self.zeta}) so that gates can reach exactly 0 and 1."
+            )
+
+    def _stretch(self, s: Tensor) -> Tensor:
+        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    def sample(self, log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A noisy gate in [0, 1], differentiable in `log_alpha` (used while training)."""
+        u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device)
+        u = u.clamp(self.eps, 1 - self.eps)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
+        return self._stretch(s)
+
+    def deterministic(self, log_alpha: Tensor) -> Tensor:
+        """The noise-free gate used at evaluation; it is above 0.5 exactly when log_alpha > 0."""
+        return self._stretch(torch.sigmoid(log_alpha))
+
+    def expected_l0(self, log_alpha: Tensor) -> Tensor:
+        """P(gate != 0) per node, in closed form."""
+        return torch.sigmoid(log_alpha - self.beta * math.log(-self.gamma / self.zeta))
+
+
+class GateSet(nn.Module):
+    """One `log_alpha` tensor per granularity, shaped like `ModelShape.units`."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        granularities: tuple[str, ...],
+        init_log_alpha: float = 3.0,
+        hard_concrete: HardConcrete | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.granularities = granularities
+        self.hard_concrete = hard_concrete or HardConcrete()
+        self.log_alpha = nn.ParameterDict(
+            {
+                g: nn.Parameter(torch.full(shape.units(g), float(init_log_alpha), device=device))
+                for g in granularities
+            }
+        )
+
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Noisy gates for one training step (one draw shared by the whole batch)."""
+        return {g: self.hard_concrete.sample(la, generator) for g, la in self.log_alpha.items()}
+
+    def deterministic(self) -> dict[str, Tensor]:
+        """Noise-free gates, detached."""
+        with torch.no_grad():
+            return {g: self.hard_concrete.deterministic(la) for g, la in self.log_alpha.items()}
+
+    def expected_l0(self) -> dict[str, Float[Tensor, ""]]:
+        """Mean expected L0 per granularity: the fraction of its nodes expected to be open."""
+        return {g: self.hard_concrete.expected_l0(la).mean() for g, la in self.log_alpha.items()}

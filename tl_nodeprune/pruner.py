@@ -1,0 +1,220 @@
+"""`NodePruner`: learn hard-concrete node masks for faithfulness plus per-granularity sparsity."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from .ablation import Ablation, AblationKind, check_ablation, mixing_hooks, site_masks
+from .circuit import Circuit
+from .gates import GateSet, HardConcrete
+from .objectives import Objective, answer_logits, check_objective, faithfulness_loss
+from .sites import GRANULARITIES, ModelShape, check_granularity, frozen, model_device
+from .tasks.base import PromptTask
+
+# Default price of keeping one node, in units of the faithfulness loss (nats for KL). A node's
+# worth to a circuit does not depend on how many siblings it has, so the default penalty on
+# the *mean* expected L0 is this price times the number of units: the same defaults then work
+# on a 3-layer toy and on a 30-layer model.
+DEFAULT_NODE_COST: dict[str, float] = {
+    "attn": 0.03,
+    "mlp": 0.03,
+    "head": 0.0075,
+    "neuron": 0.001,
+    "head_dim": 0.0002,
+}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides a discovery run; the same config and seed give the same circuit.
+
+    `penalty[g]` weighs the mean expected L0 of granularity g; granularities it leaves out
+    get `DEFAULT_NODE_COST[g]` times their number of units. Where `target_sparsity[g]`
+    (fraction of g's nodes to prune) is given, g is instead held to the target by an
+    augmented Lagrangian, units(g) * (lambda * gap + lagrangian_rho * gap**2) with
+    gap = expected kept fraction - target kept fraction and lambda trained by gradient ascent
+    (rate `lagrangian_lr`); the quadratic term damps the oscillation a bare multiplier shows.
+    Penalties and targets ramp up linearly over `warmup_steps`.
+    """
+
+    steps: int = 300
+    lr: float = 0.2
+    batch_size: int = 16
+    granularities: tuple[str, ...] | None = None
+    ablation: AblationKind = "corrupted"
+    objective: Objective = "kl"
+    penalty: Mapping[str, float] | None = None
+    target_sparsity: Mapping[str, float] | None = None
+    warmup_steps: int = 0
+    lagrangian_lr: float = 0.01
+    lagrangian_rho: float = 1.0
+    init_log_alpha: float = 3.0
+    threshold: float = 0.5
+    hard_concrete: HardConcrete = field(default_factory=HardConcrete)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(
+                    f"PruneConfig.{name} must be a positive int, got {getattr(self, name)!r}."
+                )
+        for name in ("lr", "lagrangian_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PruneConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"PruneConfig.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"PruneConfig.threshold must be in (0, 1), got {self.threshold}.")
+        check_ablation(self.ablation)
+        check_objective(self.objective)
+        if self.granularities is not None:
+            if isinstance(self.granularities, str):
+                raise ValueError("PruneConfig.granularities must be a tuple, e.g. ('head',).")
+            for g in self.granularities:
+                check_granularity(g)
+        for g, v in (self.penalty or {}).items():
+            check_granularity(g)
+            if not v >= 0:
+                raise ValueError(f"PruneConfig.penalty[{g!r}] must be >= 0, got {v}.")
+        for g, v in (self.target_sparsity or {}).items():
+            check_granularity(g)
+            if not 0 <= v < 1:
+                raise ValueError(f"PruneConfig.target_sparsity[{g!r}] must be in [0, 1), got {v}.")
+
+    def penalty_for(self, granularity: str, shape: ModelShape) -> float:
+        """The weight on `granularity`'s mean expected L0 (given, or the per-node default)."""
+        if self.penalty is not None and granularity in self.penalty:
+            return float(self.penalty[granularity])
+        return DEFAULT_NODE_COST[granularity] * math.prod(shape.units(granularity))
+
+    def ramp(self, step: int) -> float:
+        """Warm-up factor in (0, 1] for penalties and targets at `step`."""
+        return 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
+
+
+@dataclass
+class PruneResult:
+    """What `fit` returns: the circuit, the per-step history and the learned log_alphas."""
+
+    circuit: Circuit
+    history: pd.DataFrame
+    log_alpha: dict[str, Tensor]
+    config: PruneConfig
+    seconds: float
+
+
+class NodePruner:
+    """Learns which blocks, heads and neurons of `model` a task needs; the model is untouched."""
+
+    def __init__(self, model: Any, config: PruneConfig | None = None) -> None:
+        self.model = model
+        self.config = config or PruneConfig()
+        self.shape = ModelShape.from_model(model)
+        self.granularities = self.shape.resolve(self.config.granularities)
+
+    def fit(self, task: PromptTask) -> PruneResult:
+        """Train the gates on `task` and return the circuit of nodes whose gate stays open."""
+        cfg, model = self.config, self.model
+        task.check_vocab(self.shape.d_vocab)
+        start = time.perf_counter()
+        device = model_device(model)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        batches = _batches(torch.Generator().manual_seed(cfg.seed), len(task), cfg.batch_size)
+        gates = GateSet(
+            self.shape, self.granularities, cfg.init_log_alpha, cfg.hard_concrete, device
+        )
+        targets = dict(cfg.target_sparsity or {})
+        multipliers = {
+            g: torch.zeros((), device=device) for g in targets if g in self.granularities
+        }
+        lambdas = {g: cfg.penalty_for(g, self.shape) for g in self.granularities}
+        optimizer = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
+        rows: list[dict[str, float]] = []
+        with frozen(model):
+            names = list(site_masks(self.shape, gates.sample(gen)))
+            ablation = Ablation(model, task, names, cfg.ablation, cfg.batch_size)
+            full = answer_logits(model, task, batch_size=cfg.batch_size)
+            for step in trange(cfg.steps, desc="pruning", disable=not cfg.progress):
+                idx = next(batches)
+                batch = task.subset(idx)
+                seq = batch.clean.shape[1]
+                sampled = gates.sample(gen)
+                hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
+                with model.hooks(fwd_hooks=hooks):
+                    logits = model(batch.clean.to(device))
+                faith = faithfulness_loss(
+                    cfg.objective, batch.answer_logits(logits), full[idx.to(device)], batch
+                )
+                terms = {"faithfulness": faith}
+                l0 = gates.expected_l0()
+                for g, value in l0.items():
+                    if g in multipliers:
+                        target_kept = 1.0 - targets[g] * cfg.ramp(step)
+                        gap = value - target_kept  # augmented Lagrangian, priced per node
+                        terms[f"sparsity_{g}"] = math.prod(self.shape.units(g)) * (
+                            multipliers[g] * gap + cfg.lagrangian_rho * gap**2
+                        )
+                    else:
+                        terms[f"sparsity_{g}"] = lambdas[g] * cfg.ramp(step) * value
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Loss became {loss.item()} at step {step} ("
+                        + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                        + "). Run the model in float32, lower PruneConfig.lr (now "
+                        f"{cfg.lr}), or check that a custom objective returns finite values."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for g, lam in multipliers.items():  # gradient ascent on the multipliers
+                    lam += cfg.lagrangian_lr * (
+                        l0[g].detach() - (1.0 - targets[g] * cfg.ramp(step))
+                    )
+                rows.append(_history_row(step, loss, terms, l0, gates, cfg, multipliers, lambdas))
+        circuit = Circuit(
+            self.shape,
+            gates.deterministic(),
+            cfg.threshold,
+            meta={
+                "task": task.name,
+                "steps": cfg.steps,
+                "seed": cfg.seed,
+                "ablation": cfg.ablation,
+                "granularities": list(self.granularities),
+            },
+        )
+        log_alpha = {g: la.detach().cpu().clone() for g, la in gates.log_alpha.items()}
+        return PruneResult(circuit, pd.DataFrame(rows), log_alpha, cfg, time.perf_counter() - start)
+
+
+def _batches(gen: torch.Generator, n: int, batch_size: int) -> Iterator[Tensor]:
+    """Endless batches: consecutive slices of a fresh seeded permutation each epoch."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            yield perm[i : i + batch_size].sort().values
+
+
+def _history_row(step, loss, terms, l0, gates, cfg, multipliers, lambdas) -> dict[str, float]:
+    row = {"step": step, "loss": loss.item()}
+    row.update({k: v.item() for k, v in terms.items()})
+    det = gates.deterministic()
+    for g in GRANULARITIES:
+        if g in l0:
+            row[f"expected_l0_{g}"] = l0[g].item()
+            row[f"kept_{g}"] = (det[g] > cfg.threshold).float().mean().item()
+            lam = multipliers[g].item() if g in multipliers else lambdas[g] * cfg.ramp(step)
+            row[f"lambda_{g}"] = lam
+    return row

@@ -1,0 +1,147 @@
+"""Where gates sit: granularities, their TransformerLens hook names, and the model's shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+Granularity = Literal["attn", "mlp", "head", "neuron", "head_dim"]
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+# `head_dim` is the finest and most expensive granularity, so it is opt-in.
+DEFAULT_GRANULARITIES: tuple[str, ...] = ("attn", "mlp", "head", "neuron")
+# A node is inside its parent: a head inside its attention block, and so on.
+PARENT: dict[str, str] = {"head": "attn", "neuron": "mlp", "head_dim": "head"}
+HOOK_TEMPLATES: dict[str, str] = {
+    "attn": "blocks.{layer}.hook_attn_out",
+    "mlp": "blocks.{layer}.hook_mlp_out",
+    "head": "blocks.{layer}.attn.hook_z",
+    "neuron": "blocks.{layer}.mlp.hook_post",
+    "head_dim": "blocks.{layer}.attn.hook_z",
+}
+
+
+def hook_name(granularity: str, layer: int) -> str:
+    """The TransformerLens hook at which `granularity` is gated in `layer`."""
+    return HOOK_TEMPLATES[granularity].format(layer=layer)
+
+
+def check_granularity(granularity: str) -> None:
+    """Raise a ValueError naming the valid granularities when `granularity` is unknown."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"Unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}."
+        )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a circuit depends on; a circuit only applies to a model of the same shape."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_mlp: int  # 0 for attention-only models
+    d_vocab: int
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelShape:
+        """Read the shape from `model.cfg` (HookedTransformer and TransformerBridge alike)."""
+        cfg = model.cfg
+        attn_only = bool(getattr(cfg, "attn_only", False))
+        d_mlp = getattr(cfg, "d_mlp", None)
+        return cls(
+            name=str(getattr(cfg, "model_name", None) or type(model).__name__),
+            n_layers=int(cfg.n_layers),
+            n_heads=int(cfg.n_heads),
+            d_head=int(cfg.d_head),
+            d_mlp=0 if attn_only or not d_mlp else int(d_mlp),
+            d_vocab=int(cfg.d_vocab),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelShape:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def has(self, granularity: str) -> bool:
+        """Whether this model has units of `granularity` (attention-only models lack MLPs)."""
+        check_granularity(granularity)
+        return granularity not in ("mlp", "neuron") or self.d_mlp > 0
+
+    def units(self, granularity: str) -> tuple[int, ...]:
+        """Shape of the gate tensor for `granularity`: layer first, then the unit axes."""
+        check_granularity(granularity)
+        return {
+            "attn": (self.n_layers,),
+            "mlp": (self.n_layers,),
+            "head": (self.n_layers, self.n_heads),
+            "neuron": (self.n_layers, self.d_mlp),
+            "head_dim": (self.n_layers, self.n_heads, self.d_head),
+        }[granularity]
+
+    def blocks(self) -> tuple[str, ...]:
+        """The block granularities this model has."""
+        return tuple(g for g in ("attn", "mlp") if self.has(g))
+
+    def available(self) -> tuple[str, ...]:
+        """The default granularities this model has."""
+        return tuple(g for g in DEFAULT_GRANULARITIES if self.has(g))
+
+    def resolve(self, granularities: Iterable[str] | None) -> tuple[str, ...]:
+        """Validate requested granularities (None = every default one the model has)."""
+        if granularities is None:
+            return self.available()
+        requested = tuple(dict.fromkeys(granularities))
+        if not requested:
+            raise ValueError("granularities is empty; pass None for all, or e.g. ('head',).")
+        for g in requested:
+            check_granularity(g)
+            if not self.has(g):
+                raise ValueError(
+                    f"Granularity {g!r} needs MLP layers, but model {self.name!r} is "
+                    f"attention-only; drop it, e.g. granularities=('attn', 'head')."
+                )
+        return tuple(g for g in GRANULARITIES if g in requested)
+
+    def check_same(self, other: ModelShape) -> None:
+        """Raise a ValueError listing every size that differs between two shapes."""
+        diffs = [
+            f"{f}: circuit has {getattr(other, f)}, model has {getattr(self, f)}"
+            for f in ("n_layers", "n_heads", "d_head", "d_mlp")
+            if getattr(self, f) != getattr(other, f)
+        ]
+        if diffs:
+            raise ValueError(
+                f"This circuit was found on {other.name!r} and does not fit model "
+                f"{self.name!r} ({'; '.join(diffs)}). Load the model the circuit was found on."
+            )
+
+
+def model_device(model: Any) -> Any:
+    """The device of the model's parameters (never assume cuda)."""
+    return next(model.parameters()).device
+
+
+@contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """Eval mode and frozen weights inside; the model's own mode and flags restored after.
+
+    A bridge around a `transformers` model in train mode applies dropout, so masks are always
+    trained and evaluated in eval mode.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)

@@ -1,0 +1,258 @@
+"""`PromptTask`: paired clean/corrupted prompts, their answers, and the task metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Metric = Literal["logit_diff", "prob_diff"]
+PAD_ANSWER = -1  # fills answer sets shorter than the longest one
+
+
+def _as_2d(ids: Any, name: str) -> Tensor:
+    """Answers as a (batch, n_answers) long tensor; a 1-D input is one answer per example."""
+    t = torch.as_tensor(ids, dtype=torch.long)
+    if t.dim() == 1:
+        t = t[:, None]
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 1-D (one id per prompt) or 2-D (batch, n_answers).")
+    return t
+
+
+@dataclass(frozen=True)
+class PromptTask:
+    """Clean and corrupted prompts (right-padded), answer ids and where each answer is read.
+
+    `correct` and `incorrect` are (batch, n) id sets padded with -1. The metric is read at
+    `answer_pos`, the last real token of each prompt: `logit_diff` is mean logit of the
+    correct set minus mean logit of the incorrect set; `prob_diff` is the difference of their
+    total probabilities (Hanna et al.'s greater-than metric).
+    """
+
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    correct: Int[Tensor, "batch n_correct"]
+    incorrect: Int[Tensor, "batch n_incorrect"]
+    answer_pos: Int[Tensor, " batch"]
+    metric: Metric = "logit_diff"
+    name: str = "custom"
+    prompts: tuple[str, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        n = self.clean.shape[0] if self.clean.dim() == 2 else -1
+        if self.clean.dim() != 2 or n == 0:
+            raise ValueError("clean must be a non-empty (batch, pos) tensor of token ids.")
+        if self.corrupted.shape != self.clean.shape:
+            raise ValueError(
+                f"clean and corrupted token tensors differ in shape ({tuple(self.clean.shape)} vs "
+                f"{tuple(self.corrupted.shape)}); every corrupted prompt must pair one clean "
+                "prompt token for token."
+            )
+        for name in ("correct", "incorrect", "answer_pos"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"{name} has {getattr(self, name).shape[0]} rows, expected {n}.")
+        if self.metric not in ("logit_diff", "prob_diff"):
+            raise ValueError(f"metric must be 'logit_diff' or 'prob_diff', got {self.metric!r}.")
+        bad = (self.answer_pos < 0) | (self.answer_pos >= self.clean.shape[1])
+        if bad.any():
+            raise ValueError(f"answer_pos out of range for prompt {int(bad.nonzero()[0])}.")
+        for name in ("correct", "incorrect"):
+            empty = (getattr(self, name) == PAD_ANSWER).all(dim=1)
+            if empty.any():
+                raise ValueError(f"Prompt {int(empty.nonzero()[0])} has no {name} answer.")
+        same = (self.correct[:, :1] == self.incorrect[:, :1]).squeeze(1)
+        if same.any():
+            i = int(same.nonzero()[0])
+            raise ValueError(
+                f"Prompt {i}: correct and incorrect answer are the same token "
+                f"({int(self.correct[i, 0])}); the metric would be 0 by construction."
+            )
+
+    @classmethod
+    def from_tokens(
+        cls,
+        clean: Any,
+        corrupted: Any,
+        correct: Any,
+        incorrect: Any,
+        answer_pos: Any | None = None,
+        metric: Metric = "logit_diff",
+        name: str = "custom",
+    ) -> PromptTask:
+        """Build from token ids; by default every answer is read at the last position."""
+        clean_t = torch.as_tensor(clean, dtype=torch.long)
+        corrupted_t = torch.as_tensor(corrupted, dtype=torch.long)
+        if clean_t.dim() == 1:
+            clean_t, corrupted_t = clean_t[None], corrupted_t[None]
+        if answer_pos is None:
+            answer_pos = torch.full((clean_t.shape[0],), clean_t.shape[-1] - 1)
+        return cls(
+            clean=clean_t,
+            corrupted=corrupted_t,
+            correct=_as_2d(correct, "correct"),
+            incorrect=_as_2d(incorrect, "incorrect"),
+            answer_pos=torch.as_tensor(answer_pos, dtype=torch.long),
+            metric=metric,
+            name=name,
+        )
+
+    @classmethod
+    def from_prompts(
+        cls,
+        model: Any,
+        clean: Sequence[str],
+        corrupted: Sequence[str],
+        correct: Sequence[str],
+        incorrect: Sequence[str],
+        name: str = "custom",
+    ) -> PromptTask:
+        """Tokenize prompt pairs with the model's tokenizer; answers must be single tokens.
+
+        Prompts may differ in length across pairs (they are right-padded and the answer
+        position is tracked per example), but a clean prompt and its corrupted partner must
+        have the same number of tokens.
+        """
+        lists = {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect}
+        sizes = {k: len(v) for k, v in lists.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"Prompt lists differ in length: {sizes}; give one entry per pair.")
+        if sizes["clean"] == 0:
+            raise ValueError("No prompts given: pass at least one clean/corrupted pair.")
+        rows_clean, rows_corr, ids_correct, ids_incorrect = [], [], [], []
+        for i, (c, r, a, b) in enumerate(zip(clean, corrupted, correct, incorrect, strict=True)):
+            tc, tr = _tokens(model, c), _tokens(model, r)
+            if len(tc) != len(tr):
+                raise ValueError(
+                    f"Pair {i}: clean prompt {c!r} has {len(tc)} tokens but corrupted prompt "
+                    f"{r!r} has {len(tr)}; corrupt with words of the same token length."
+                )
+            rows_clean.append(tc)
+            rows_corr.append(tr)
+            ids_correct.append(single_token(model, a, f"pair {i} correct answer"))
+            ids_incorrect.append(single_token(model, b, f"pair {i} incorrect answer"))
+        return cls(
+            clean=_pad(rows_clean),
+            corrupted=_pad(rows_corr),
+            correct=_as_2d(ids_correct, "correct"),
+            incorrect=_as_2d(ids_incorrect, "incorrect"),
+            answer_pos=torch.tensor([len(t) - 1 for t in rows_clean]),
+            name=name,
+            prompts=tuple(clean),
+        )
+
+    @classmethod
+    def from_frame(cls, model: Any, df: Any, name: str = "custom") -> PromptTask:
+        """Build from a DataFrame with columns clean, corrupted, correct, incorrect."""
+        missing = [c for c in ("clean", "corrupted", "correct", "incorrect") if c not in df]
+        if missing:
+            raise ValueError(
+                f"DataFrame lacks column(s) {missing}; it needs clean, corrupted, correct, "
+                "incorrect."
+            )
+        return cls.from_prompts(
+            model,
+            list(df["clean"]),
+            list(df["corrupted"]),
+            list(df["correct"]),
+            list(df["incorrect"]),
+            name=name,
+        )
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    def subset(self, idx: Any) -> PromptTask:
+        """The examples at `idx`, trimmed to their longest prompt."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        seq = int(self.answer_pos[idx].max()) + 1
+        prompts = None if self.prompts is None else tuple(self.prompts[int(i)] for i in idx)
+        return replace(
+            self,
+            clean=self.clean[idx, :seq],
+            corrupted=self.corrupted[idx, :seq],
+            correct=self.correct[idx],
+            incorrect=self.incorrect[idx],
+            answer_pos=self.answer_pos[idx],
+            prompts=prompts,
+        )
+
+    def split(self, train_fraction: float = 0.5, seed: int = 0) -> tuple[PromptTask, PromptTask]:
+        """A seeded random (train, held-out) split, so faithfulness is read on unseen prompts."""
+        if not 0 < train_fraction < 1:
+            raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
+        n_train = round(len(self) * train_fraction)
+        if not 0 < n_train < len(self):
+            raise ValueError(f"Cannot split {len(self)} prompts at {train_fraction}: need more.")
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self.subset(perm[:n_train].sort().values), self.subset(perm[n_train:].sort().values)
+
+    def check_vocab(self, d_vocab: int) -> None:
+        """Raise a ValueError when any token or answer id is outside the model's vocabulary."""
+        for name in ("clean", "corrupted", "correct", "incorrect"):
+            t = getattr(self, name)
+            valid = t[t != PAD_ANSWER] if name in ("correct", "incorrect") else t
+            if valid.numel() and (valid.min() < 0 or valid.max() >= d_vocab):
+                worst = int(valid.max() if valid.max() >= d_vocab else valid.min())
+                raise ValueError(
+                    f"{name} holds token id {worst}"
+                    f" outside the model's vocabulary [0, {d_vocab}); build the task with this "
+                    "model's tokenizer."
+                )
+
+    def answer_logits(
+        self, logits: Float[Tensor, "batch pos vocab"]
+    ) -> Float[Tensor, "batch vocab"]:
+        """The logits at each example's answer position."""
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return logits[rows, self.answer_pos.to(logits.device)]
+
+    def score(self, answer_logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
+        """The task metric per example, from the logits at the answer position."""
+        values = (
+            answer_logits.log_softmax(-1).exp() if self.metric == "prob_diff" else answer_logits
+        )
+        return _set_value(values, self.correct, self.metric) - _set_value(
+            values, self.incorrect, self.metric
+        )
+
+
+def _set_value(values: Tensor, ids: Tensor, metric: Metric) -> Tensor:
+    """Sum (prob_diff) or mean (logit_diff) of `values` over each row's valid answer ids."""
+    ids = ids.to(values.device)
+    valid = ids != PAD_ANSWER
+    picked = values.gather(1, ids.clamp(min=0)) * valid
+    total = picked.sum(1)
+    return total if metric == "prob_diff" else total / valid.sum(1)
+
+
+def _pad(rows: list[list[int]], pad_id: int = 0) -> Tensor:
+    """Right-pad token lists; causal attention keeps pads from touching real tokens."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def _tokens(model: Any, text: str) -> list[int]:
+    if not text:
+        raise ValueError("Empty prompt: every clean and corrupted prompt needs text.")
+    return [int(t) for t in model.to_tokens(text)[0].tolist()]
+
+
+def single_token(model: Any, text: str, what: str = "answer") -> int:
+    """The id of `text` as one token, or a ValueError naming how it splits."""
+    if not text:
+        raise ValueError(f"Empty {what}: answers must be one token, e.g. ' Mary'.")
+    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+    if len(ids) != 1:
+        pieces = [model.tokenizer.decode([t]) for t in ids]
+        raise ValueError(
+            f"The {what} {text!r} is {len(ids)} tokens {pieces} for this tokenizer; "
+            "answers must be single tokens (try a leading space, or another word)."
+        )
+    return int(ids[0])
