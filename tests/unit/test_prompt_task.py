@@ -21,8 +21,15 @@ def test_shape_mismatch_is_named():
 
 
 def test_same_correct_and_incorrect_is_refused():
-    with pytest.raises(ValueError, match="Prompt 1: correct and incorrect"):
+    with pytest.raises(ValueError, match="Prompt 1: token 2 is both a correct and an incorrect"):
         PromptTask.from_tokens(torch.zeros(2, 3), torch.zeros(2, 3), [1, 2], [3, 2])
+    with pytest.raises(ValueError, match="Prompt 0: token 5 is both"):
+        PromptTask.from_tokens(torch.zeros(1, 3), torch.zeros(1, 3), [[1, 5]], [[5, -1]])
+
+
+def test_a_single_prompt_with_scalar_answers():
+    task = PromptTask.from_tokens(torch.tensor([1, 2, 3]), torch.tensor([1, 4, 3]), 5, 6)
+    assert task.correct.tolist() == [[5]] and task.answer_pos.tolist() == [2]
 
 
 def test_empty_task_is_refused():

@@ -17,6 +17,8 @@ PAD_ANSWER = -1  # fills answer sets shorter than the longest one
 def _as_2d(ids: Any, name: str) -> Tensor:
     """Answers as a (batch, n_answers) long tensor; a 1-D input is one answer per example."""
     t = torch.as_tensor(ids, dtype=torch.long)
+    if t.dim() == 0:  # one prompt, one answer
+        t = t.reshape(1, 1)
     if t.dim() == 1:
         t = t[:, None]
     if t.dim() != 2:
@@ -24,7 +26,7 @@ def _as_2d(ids: Any, name: str) -> Tensor:
     return t
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PromptTask:
     """Clean and corrupted prompts (right-padded), answer ids and where each answer is read.
 
@@ -65,12 +67,15 @@ class PromptTask:
             empty = (getattr(self, name) == PAD_ANSWER).all(dim=1)
             if empty.any():
                 raise ValueError(f"Prompt {int(empty.nonzero()[0])} has no {name} answer.")
-        same = (self.correct[:, :1] == self.incorrect[:, :1]).squeeze(1)
-        if same.any():
-            i = int(same.nonzero()[0])
+        # (batch, n_correct, n_incorrect): an id in both sets cannot separate the answers
+        shared = (self.correct[:, :, None] == self.incorrect[:, None, :]) & (
+            self.correct[:, :, None] != PAD_ANSWER
+        )
+        if shared.any():
+            i, j, _ = (int(x) for x in shared.nonzero()[0])
             raise ValueError(
-                f"Prompt {i}: correct and incorrect answer are the same token "
-                f"({int(self.correct[i, 0])}); the metric would be 0 by construction."
+                f"Prompt {i}: token {int(self.correct[i, j])} is both a correct and an incorrect "
+                "answer; the sets must not overlap."
             )
 
     @classmethod
