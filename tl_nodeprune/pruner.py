@@ -16,7 +16,14 @@ from tqdm.auto import trange
 from .ablation import Ablation, AblationKind, check_ablation, mixing_hooks, site_masks
 from .circuit import Circuit
 from .gates import GateSet, HardConcrete
-from .objectives import Objective, answer_logits, check_objective, faithfulness_loss
+from .objectives import (
+    Objective,
+    answer_logits,
+    check_objective,
+    faithfulness_loss,
+    fast_path_matches,
+    forward_answers,
+)
 from .sites import GRANULARITIES, ModelShape, check_granularity, frozen, model_device
 from .tasks.base import PromptTask
 
@@ -144,18 +151,18 @@ class NodePruner:
         with frozen(model):
             names = list(site_masks(self.shape, gates.sample(gen)))
             ablation = Ablation(model, task, names, cfg.ablation, cfg.batch_size)
-            full = answer_logits(model, task, batch_size=cfg.batch_size)
+            fast = fast_path_matches(model, task)
+            full = answer_logits(model, task, batch_size=cfg.batch_size, fast=fast)
             for step in trange(cfg.steps, desc="pruning", disable=not cfg.progress):
                 idx = next(batches)
                 batch = task.subset(idx)
                 seq = batch.clean.shape[1]
                 sampled = gates.sample(gen)
                 hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
-                with model.hooks(fwd_hooks=hooks):
-                    logits = model(batch.clean.to(device))
-                faith = faithfulness_loss(
-                    cfg.objective, batch.answer_logits(logits), full[idx.to(device)], batch
+                logits = forward_answers(
+                    model, batch.clean.to(device), batch.answer_pos, hooks, fast
                 )
+                faith = faithfulness_loss(cfg.objective, logits, full[idx.to(device)], batch)
                 terms = {"faithfulness": faith}
                 l0 = gates.expected_l0()
                 for g, value in l0.items():

@@ -169,3 +169,16 @@ def test_circuit_of_another_shape_is_refused(problem):
     other = tnp.Circuit.full(tnp.ModelShape("x", 7, 4, 8, 32, 64))
     with pytest.raises(ValueError, match="n_layers: circuit has 7"):
         tnp.evaluate(problem.model, other, problem.task)
+
+
+def test_answer_only_unembedding_matches_the_models_logits(problem):
+    from tl_nodeprune.objectives import fast_path_matches, forward_answers
+
+    model, task = problem.model, problem.task
+    pos = torch.randint(0, task.clean.shape[1], (len(task),), generator=torch.Generator())
+    with torch.no_grad():
+        quick = forward_answers(model, task.clean, pos, fast=True)
+        ref = model(task.clean)[torch.arange(len(task)), pos]
+    assert torch.allclose(quick, ref, atol=1e-5)
+    assert fast_path_matches(model, task)
+    assert hook_count(model) == 0
