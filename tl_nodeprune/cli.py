@@ -44,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="smollm2-135m (offline), a TransformerLens name such as gpt2, or planted",
     )
     p.add_argument("--task", default="ioi", choices=(*TASKS, PLANTED))
-    p.add_argument("--n-prompts", type=int, default=64, help="prompts generated for the task")
+    p.add_argument("--n-prompts", type=int, default=200, help="prompts generated for the task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--ablation", default="corrupted", choices=("corrupted", "mean", "zero"))

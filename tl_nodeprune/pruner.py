@@ -34,8 +34,8 @@ from .tasks.base import PromptTask
 DEFAULT_NODE_COST: dict[str, float] = {
     "attn": 0.03,
     "mlp": 0.03,
-    "head": 0.0075,
-    "neuron": 0.001,
+    "head": 0.01,
+    "neuron": 0.0007,
     "head_dim": 0.0002,
 }
 

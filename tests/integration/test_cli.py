@@ -2,29 +2,18 @@
 
 import json
 
+import pytest
+
 import tl_nodeprune as tnp
 from tl_nodeprune.cli import main
 from tl_nodeprune.planted import planted_problem
 
+PLANTED = ["--model", "planted", "--task", "planted", "--n-prompts", "64"]
+
 
 def test_discover_then_evaluate_on_the_planted_model(tmp_path, capsys):
     out = tmp_path / "c.json"
-    assert (
-        main(
-            [
-                "discover",
-                "--model",
-                "planted",
-                "--task",
-                "planted",
-                "--steps",
-                "200",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(["discover", *PLANTED, "--steps", "200", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "held-out" in printed and "head" in printed
     circuit = tnp.Circuit.load(out)
@@ -32,6 +21,11 @@ def test_discover_then_evaluate_on_the_planted_model(tmp_path, capsys):
     assert circuit.nodes == truth.nodes
     assert circuit.meta["held_out"]["faithfulness"] > 0.99
 
-    assert main(["evaluate", str(out), "--model", "planted", "--task", "planted"]) == 0
+    assert main(["evaluate", str(out), *PLANTED]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["kl"] < 1e-5 and report["n_prompts"] == 64
+
+
+def test_bad_penalty_syntax_is_named():
+    with pytest.raises(SystemExit, match="G=VALUE"):
+        main(["discover", *PLANTED, "--penalty", "head:3"])
