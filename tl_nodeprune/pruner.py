@@ -141,11 +141,7 @@ class NodePruner:
         gates = GateSet(
             self.shape, self.granularities, cfg.init_log_alpha, cfg.hard_concrete, device
         )
-        targets = dict(cfg.target_sparsity or {})
-        multipliers = {
-            g: torch.zeros((), device=device) for g in targets if g in self.granularities
-        }
-        lambdas = {g: cfg.penalty_for(g, self.shape) for g in self.granularities}
+        sparsity = _Sparsity(cfg, self.shape, self.granularities, device)
         optimizer = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
         rows: list[dict[str, float]] = []
         with frozen(model):
@@ -163,33 +159,15 @@ class NodePruner:
                     model, batch.clean.to(device), batch.answer_pos, hooks, fast
                 )
                 faith = faithfulness_loss(cfg.objective, logits, full[idx.to(device)], batch)
-                terms = {"faithfulness": faith}
                 l0 = gates.expected_l0()
-                for g, value in l0.items():
-                    if g in multipliers:
-                        target_kept = 1.0 - targets[g] * cfg.ramp(step)
-                        gap = value - target_kept  # augmented Lagrangian, priced per node
-                        terms[f"sparsity_{g}"] = math.prod(self.shape.units(g)) * (
-                            multipliers[g] * gap + cfg.lagrangian_rho * gap**2
-                        )
-                    else:
-                        terms[f"sparsity_{g}"] = lambdas[g] * cfg.ramp(step) * value
+                terms = {"faithfulness": faith, **sparsity.terms(l0, step)}
                 loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Loss became {loss.item()} at step {step} ("
-                        + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                        + "). Run the model in float32, lower PruneConfig.lr (now "
-                        f"{cfg.lr}), or check that a custom objective returns finite values."
-                    )
+                _check_finite(loss, terms, step, cfg.lr)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                for g, lam in multipliers.items():  # gradient ascent on the multipliers
-                    lam += cfg.lagrangian_lr * (
-                        l0[g].detach() - (1.0 - targets[g] * cfg.ramp(step))
-                    )
-                rows.append(_history_row(step, loss, terms, l0, gates, cfg, multipliers, lambdas))
+                sparsity.ascend(l0, step)
+                rows.append(_history_row(step, loss, terms, l0, gates, cfg, sparsity))
         circuit = Circuit(
             self.shape,
             gates.deterministic(),
@@ -214,14 +192,69 @@ def _batches(gen: torch.Generator, n: int, batch_size: int) -> Iterator[Tensor]:
             yield perm[i : i + batch_size].sort().values
 
 
-def _history_row(step, loss, terms, l0, gates, cfg, multipliers, lambdas) -> dict[str, float]:
-    row = {"step": step, "loss": loss.item()}
-    row.update({k: v.item() for k, v in terms.items()})
+class _Sparsity:
+    """One sparsity term per granularity: a fixed penalty, or an augmented Lagrangian."""
+
+    def __init__(
+        self, cfg: PruneConfig, shape: ModelShape, granularities: tuple[str, ...], device: Any
+    ) -> None:
+        self.cfg, self.shape = cfg, shape
+        self.penalties = {g: cfg.penalty_for(g, shape) for g in granularities}
+        self.targets = {g: t for g, t in (cfg.target_sparsity or {}).items() if g in granularities}
+        self.multipliers = {g: torch.zeros((), device=device) for g in self.targets}
+
+    def gap(self, g: str, l0: Tensor, step: int) -> Tensor:
+        """Expected kept fraction minus the (warmed-up) target kept fraction."""
+        return l0 - (1.0 - self.targets[g] * self.cfg.ramp(step))
+
+    def terms(self, l0: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        out = {}
+        for g, value in l0.items():
+            if g in self.targets:  # priced per node, like the default penalties
+                gap = self.gap(g, value, step)
+                out[f"sparsity_{g}"] = math.prod(self.shape.units(g)) * (
+                    self.multipliers[g] * gap + self.cfg.lagrangian_rho * gap**2
+                )
+            else:
+                out[f"sparsity_{g}"] = self.weight(g, step) * value
+        return out
+
+    def ascend(self, l0: dict[str, Tensor], step: int) -> None:
+        """Gradient ascent on the Lagrange multipliers."""
+        for g, lam in self.multipliers.items():
+            lam += self.cfg.lagrangian_lr * self.gap(g, l0[g].detach(), step)
+
+    def weight(self, g: str, step: int) -> float:
+        """The current multiplier, or the warmed-up penalty, of granularity g."""
+        if g in self.multipliers:
+            return self.multipliers[g].item()
+        return self.penalties[g] * self.cfg.ramp(step)
+
+
+def _check_finite(loss: Tensor, terms: dict[str, Tensor], step: int, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"Loss became {loss.item()} at step {step} ("
+            + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            + f"). Run the model in float32, lower PruneConfig.lr (now {lr}), or check that "
+            "a custom objective returns finite values."
+        )
+
+
+def _history_row(
+    step: int,
+    loss: Tensor,
+    terms: dict[str, Tensor],
+    l0: dict[str, Tensor],
+    gates: GateSet,
+    cfg: PruneConfig,
+    sparsity: _Sparsity,
+) -> dict[str, float]:
+    row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
     det = gates.deterministic()
     for g in GRANULARITIES:
         if g in l0:
             row[f"expected_l0_{g}"] = l0[g].item()
             row[f"kept_{g}"] = (det[g] > cfg.threshold).float().mean().item()
-            lam = multipliers[g].item() if g in multipliers else lambdas[g] * cfg.ramp(step)
-            row[f"lambda_{g}"] = lam
+            row[f"lambda_{g}"] = sparsity.weight(g, step)
     return row
