@@ -182,6 +182,7 @@ class Circuit:
     def save(self, path: str | Path) -> Path:
         """Write JSON (no pickle), carrying the model's shape so loading can check it."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict()))
         return path
 

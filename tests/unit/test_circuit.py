@@ -52,7 +52,7 @@ def test_counts_fractions_and_frames():
 def test_save_load_round_trip_is_plain_json(tmp_path):
     c = _circuit()
     c.meta["task"] = "toy"
-    path = c.save(tmp_path / "c.json")
+    path = c.save(tmp_path / "new_folder" / "c.json")
     data = json.loads(path.read_text())
     assert data["model"]["d_mlp"] == 5 and data["format"] == "tl_nodeprune.circuit"
     back = Circuit.load(path)
