@@ -59,42 +59,20 @@ def tiny_model(
     effect on the output distribution.
     """
     d_model = n_heads * d_head
+    # The fields HookedTransformerConfig and TransformerBridgeConfig share.
+    common = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp,
+                  d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu", normalization_type="LN",
+                  attn_only=attn_only)  # fmt: skip
     if flavour == "hooked":
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        model = HookedTransformer(
-            HookedTransformerConfig(
-                n_layers=n_layers,
-                d_model=d_model,
-                n_heads=n_heads,
-                d_head=d_head,
-                d_mlp=d_mlp,
-                d_vocab=d_vocab,
-                n_ctx=n_ctx,
-                act_fn="gelu",
-                normalization_type="LN",
-                seed=seed,
-                attn_only=attn_only,
-            )
-        )
+        model = HookedTransformer(HookedTransformerConfig(**common, seed=seed))
     elif flavour == "bridge-native":
         from transformer_lens.config import TransformerBridgeConfig
         from transformer_lens.model_bridge import TransformerBridge
 
         model = TransformerBridge.boot_native(
-            TransformerBridgeConfig(
-                n_layers=n_layers,
-                d_model=d_model,
-                n_heads=n_heads,
-                d_head=d_head,
-                d_mlp=d_mlp,
-                d_vocab=d_vocab,
-                n_ctx=n_ctx,
-                act_fn="gelu",
-                normalization_type="LN",
-                positional_embedding_type="standard",
-                attn_only=attn_only,
-            )
+            TransformerBridgeConfig(**common, positional_embedding_type="standard")
         )
     elif flavour == "bridge-llama":
         if attn_only:
