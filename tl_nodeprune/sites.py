@@ -44,7 +44,10 @@ class ModelShape:
     n_heads: int
     d_head: int
     d_mlp: int  # 0 for attention-only models
-    d_vocab: int
+    d_vocab: int  # input vocabulary: valid prompt token ids
+    d_model: int = 0  # 0 when unknown (circuits saved before this field existed)
+    d_vocab_out: int = 0  # output vocabulary: valid answer ids; 0 means the same as d_vocab
+    n_key_value_heads: int = 0  # grouped-query attention; 0 means one key/value head per head
 
     @classmethod
     def from_model(cls, model: Any) -> ModelShape:
@@ -59,11 +62,27 @@ class ModelShape:
             d_head=int(cfg.d_head),
             d_mlp=0 if attn_only or not d_mlp else int(d_mlp),
             d_vocab=int(cfg.d_vocab),
+            d_model=int(cfg.d_model),
+            d_vocab_out=_positive(getattr(cfg, "d_vocab_out", None)) or int(cfg.d_vocab),
+            n_key_value_heads=_positive(getattr(cfg, "n_key_value_heads", None))
+            or int(cfg.n_heads),
         )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelShape:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        """Read a saved shape; fields added later than the file keep their 'unknown' default."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: data[k] for k in fields if k in data})
+
+    @property
+    def vocab_out(self) -> int:
+        """Size of the output vocabulary (answer ids must be below it)."""
+        return self.d_vocab_out or self.d_vocab
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer (fewer than `n_heads` under grouped-query attention)."""
+        return self.n_key_value_heads or self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +139,11 @@ class ModelShape:
                 f"This circuit was found on {other.name!r} and does not fit model "
                 f"{self.name!r} ({'; '.join(diffs)}). Load the model the circuit was found on."
             )
+
+
+def _positive(value: Any) -> int:
+    """`value` as an int when it is a positive number, else 0 (TransformerLens uses -1/None)."""
+    return int(value) if isinstance(value, int) and value > 0 else 0
 
 
 def model_device(model: Any) -> Any:

@@ -86,3 +86,50 @@ def test_other_model_shape_is_refused():
     other = ModelShape("big", n_layers=4, n_heads=3, d_head=4, d_mlp=5, d_vocab=11)
     with pytest.raises(ValueError, match="n_layers: circuit has 2, model has 4"):
         other.check_same(SHAPE)
+
+
+def test_version_1_files_still_load(tmp_path):
+    old = {
+        "format": "tl_nodeprune.circuit",
+        "version": 1,
+        "model": {"name": "toy", "n_layers": 2, "n_heads": 3, "d_head": 4, "d_mlp": 5,
+                  "d_vocab": 11},
+        "threshold": 0.5,
+        "gates": {"attn": [1.0, 0.0], "head": [[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]},
+        "meta": {},
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    c = Circuit.load(path)
+    assert c.heads == [(0, 0), (0, 2)] and c.edges is None and c.scores == {}
+    assert c.shape.vocab_out == 11 and c.shape.kv_heads == 3
+
+
+def test_edges_induce_nodes_and_round_trip(tmp_path):
+    edges = ["input->a0.h1<q>", "a0.h1->m1", "m1->logits", "a0.h2->a1.h0<v>"]
+    c = Circuit.from_edges(SHAPE, edges, {"m1->logits": 2.5})
+    # a1.h0 is induced by its value input, a0.h2 by its output, a0.h1 by both.
+    assert c.heads == [(0, 1), (0, 2), (1, 0)]
+    assert c.attn_blocks == [0, 1] and c.mlp_blocks == [1]
+    back = Circuit.load(c.save(tmp_path / "e.json"))
+    assert back.edges == tuple(edges) and back.edge_scores == {"m1->logits": 2.5}
+    assert back.nodes == c.nodes
+
+
+def test_grouped_query_key_value_readers_induce_no_query_head():
+    gqa = ModelShape("gqa", 2, 4, 4, 5, 11, n_key_value_heads=2)
+    c = Circuit.from_edges(gqa, ["input->a1.h1<k>", "a0.h3->a1.h1<v>"])
+    assert c.heads == [(0, 3)]
+    with pytest.raises(ValueError, match="out of range"):
+        Circuit.from_edges(gqa, ["input->a1.h2<k>"])  # only 2 key/value heads
+
+
+@pytest.mark.parametrize("bad", ["a0.h1-a1.h0<q>", "a0.h1->a1.h0", "m1->a0.h0<x>", "a5.h0->m1"])
+def test_bad_edge_names_are_refused(bad):
+    with pytest.raises(ValueError, match="(?i)edge"):
+        Circuit.from_edges(SHAPE, [bad])
+
+
+def test_scores_must_match_the_gate_shape():
+    with pytest.raises(ValueError, match="Scores for 'head'"):
+        Circuit(SHAPE, {"attn": torch.ones(2)}, scores={"head": torch.ones(3)})
