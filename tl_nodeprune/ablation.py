@@ -6,14 +6,16 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
-from .sites import ModelShape, hook_name
+from .sites import ModelShape, hook_name, model_device
 from .tasks.base import PromptTask
 
 AblationKind = Literal["corrupted", "mean", "zero"]
 ABLATIONS: tuple[str, ...] = ("corrupted", "mean", "zero")
 HookFn = Callable[..., Tensor]
+DEFAULT_CACHE_BYTES = 2**31  # corrupted activations cached up front when they fit in 2 GiB
 
 
 def check_ablation(kind: str) -> None:
@@ -41,13 +43,20 @@ def site_masks(shape: ModelShape, gates: dict[str, Tensor]) -> dict[str, Tensor]
 
 
 def _mix_hook(mask: Tensor, ablated: Tensor | None) -> HookFn:
-    """clean * g + ablated * (1 - g): exactly the clean value when g == 1."""
+    """a + g * (x - a) as one `torch.lerp`: exactly x when g == 1 and exactly a when g == 0.
+
+    One fused op keeps no intermediate products alive for backward, where
+    `x * g + a * (1 - g)` keeps two (see bench/mixing_memory.py). The gate and the ablated
+    value are moved to the device and dtype of the hook's tensor, so models spread over
+    several devices work.
+    """
 
     def hook(x: Tensor, hook: Any) -> Tensor:
-        m = mask.to(x.dtype)
+        m = mask.to(device=x.device, dtype=x.dtype)
         if ablated is None:
             return x * m
-        return x * m + ablated.to(x.dtype) * (1 - m)
+        a = ablated.to(device=x.device, dtype=x.dtype)
+        return torch.lerp(a, x, m)
 
     return hook
 
@@ -76,7 +85,12 @@ def capture(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
 
 
 class Ablation:
-    """Ablated values per gated hook for a task, cached up front when they fit in memory."""
+    """Ablated values per gated hook for a task.
+
+    Corrupted activations are cached up front when they fit in `cache_bytes` and recomputed
+    batch by batch otherwise; mean activations are accumulated batch by batch, so only one
+    batch of activations is ever alive. Every value lives on the device of its own hook.
+    """
 
     def __init__(
         self,
@@ -85,40 +99,56 @@ class Ablation:
         names: list[str],
         kind: AblationKind = "corrupted",
         batch_size: int = 32,
-        max_cache_bytes: int = 2**31,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         check_ablation(kind)
-        self.model, self.task, self.names, self.kind = model, task, names, kind
-        self.device = next(model.parameters()).device
+        self.model, self.names, self.kind = model, names, kind
+        self.device = model_device(model)
+        self.task = task.to(self.device)
         self._cache: dict[str, Tensor] | None = None
         if kind == "mean":
             self._cache = self._position_means(batch_size)
-        elif kind == "corrupted":
-            probe = capture(model, task.corrupted[:1, :1].to(self.device), names)
-            per_token = sum(v.numel() * v.element_size() for v in probe.values())
-            if per_token * task.clean.numel() <= max_cache_bytes:
-                self._cache = self._gather(task.corrupted, batch_size)
+        elif kind == "corrupted" and self.cache_size() <= cache_bytes:
+            self._cache = self._gather(self.task.corrupted, batch_size)
+
+    def cache_size(self) -> int:
+        """Bytes that caching every corrupted activation at the gated hooks would take."""
+        probe = capture(self.model, self.task.corrupted[:1, :1], self.names)
+        per_token = sum(v.numel() * v.element_size() for v in probe.values())
+        return per_token * self.task.corrupted.numel()
+
+    @property
+    def cached(self) -> bool:
+        """Whether values come from a cache (False: corrupted runs are recomputed per batch)."""
+        return self._cache is not None or self.kind == "zero"
 
     def _gather(self, tokens: Tensor, batch_size: int) -> dict[str, Tensor]:
         chunks = [
-            capture(self.model, tokens[i : i + batch_size].to(self.device), self.names)
+            capture(self.model, tokens[i : i + batch_size], self.names)
             for i in range(0, len(tokens), batch_size)
         ]
         return {n: torch.cat([c[n] for c in chunks]) for n in self.names}
 
     def _position_means(self, batch_size: int) -> dict[str, Tensor]:
         """Mean clean activation at each position, over the prompts that reach it."""
-        acts = self._gather(self.task.clean, batch_size)
-        pos = torch.arange(self.task.clean.shape[1])
-        valid = (pos[None, :] <= self.task.answer_pos[:, None]).to(self.device)  # (batch, pos)
-        count = valid.sum(0).clamp(min=1)
-        means = {}
-        for n, a in acts.items():
-            w = valid.reshape(*valid.shape, *([1] * (a.dim() - 2))).to(a.dtype)
-            means[n] = (a * w).sum(0) / count.reshape(-1, *([1] * (a.dim() - 2)))
-        return means
+        clean, answer_pos = self.task.clean, self.task.answer_pos
+        pos = torch.arange(clean.shape[1], device=answer_pos.device)
+        valid = pos[None, :] <= answer_pos[:, None]  # (batch, pos)
+        sums: dict[str, Tensor] = {}
+        for i in range(0, len(clean), batch_size):
+            acts = capture(self.model, clean[i : i + batch_size], self.names)
+            for n, a in acts.items():
+                w = valid[i : i + batch_size].to(a.device)
+                w = w.reshape(*w.shape, *([1] * (a.dim() - 2))).to(a.dtype)  # (batch, pos, 1..)
+                part = (a * w).sum(0)  # (pos, ...)
+                sums[n] = part if n not in sums else sums[n] + part
+        count = valid.sum(0).clamp(min=1)  # (pos,)
+        return {
+            n: s / count.to(s.device).reshape(-1, *([1] * (s.dim() - 1))).to(s.dtype)
+            for n, s in sums.items()
+        }
 
-    def values(self, idx: Tensor, seq: int) -> dict[str, Tensor | None]:
+    def values(self, idx: Int[Tensor, " batch"], seq: int) -> dict[str, Tensor | None]:
         """Ablated values for examples `idx`, trimmed to `seq` positions."""
         if self.kind == "zero":
             return dict.fromkeys(self.names)
@@ -126,7 +156,6 @@ class Ablation:
             assert self._cache is not None
             return {n: v[:seq] for n, v in self._cache.items()}
         if self._cache is not None:
-            idx_d = idx.to(self.device)
-            return {n: v[idx_d, :seq] for n, v in self._cache.items()}
-        tokens = self.task.corrupted[idx, :seq].to(self.device)
+            return {n: v[idx.to(v.device), :seq] for n, v in self._cache.items()}
+        tokens = self.task.corrupted[idx.to(self.device), :seq]
         return dict(capture(self.model, tokens, self.names))

@@ -77,7 +77,7 @@ class Circuit:
         """A binary circuit from node names, with gates for `granularities` (all else closed)."""
         gates = {g: torch.zeros(shape.units(g)) for g in granularities}
         for name in nodes:
-            g, index = parse_node(name)
+            g, index = parse_node(name, shape)
             if g not in gates:
                 raise ValueError(f"Node {name!r} is a {g}, but granularities are {granularities}.")
             gates[g][index] = 1.0
@@ -167,6 +167,12 @@ class Circuit:
         return int(self.kept(granularity).sum())
 
     def fraction(self, granularity: str) -> float:
+        """Share of `granularity`'s nodes that are kept (a ValueError if the model has none)."""
+        if not self.shape.has(granularity):
+            raise ValueError(
+                f"{self.shape.name!r} is attention-only: it has no {granularity!r} nodes, so "
+                "no fraction of them is kept."
+            )
         return self.n_kept(granularity) / self.kept(granularity).numel()
 
     def summary(self) -> pd.DataFrame:
@@ -290,25 +296,41 @@ def _names(granularity: str, mask: Tensor) -> list[str]:
     return out
 
 
-def parse_node(name: str) -> tuple[str, tuple[int, ...]]:
-    """`'a3.h5'` -> ('head', (3, 5)); the inverse of the node naming grammar."""
-    try:
-        parts = name.split(".")
-        block, layer = parts[0][0], int(parts[0][1:])
-        index = (layer, *(int(p[1:]) for p in parts[1:]))
-        kinds = {
-            ("a", ""): "attn",
-            ("m", ""): "mlp",
-            ("a", "h"): "head",
-            ("m", "n"): "neuron",
-            ("a", "hd"): "head_dim",
-        }
-        return kinds[(block, "".join(p[0] for p in parts[1:]))], index
-    except (KeyError, ValueError, IndexError):
+_NODE = re.compile(r"^([am])(\d+)((?:\.[a-z]\d+)*)$")
+_NODE_KINDS = {
+    ("a", ""): "attn",
+    ("m", ""): "mlp",
+    ("a", "h"): "head",
+    ("m", "n"): "neuron",
+    ("a", "hd"): "head_dim",
+}
+
+
+def parse_node(name: str, shape: ModelShape | None = None) -> tuple[str, tuple[int, ...]]:
+    """`'a3.h5'` -> ('head', (3, 5)); the inverse of the node naming grammar.
+
+    Indices are non-negative integers (`a-1` is refused, not read as the last layer); with
+    `shape`, they must also be inside the model.
+    """
+    match = _NODE.match(name)
+    parts = match.group(3).split(".")[1:] if match else []
+    kind = _NODE_KINDS.get((match.group(1), "".join(p[0] for p in parts))) if match else None
+    if match is None or kind is None:
         raise ValueError(
             f"Bad node name {name!r}; use a3 (attention block), a3.h5 (head), m3 (MLP block), "
-            "m3.n17 (neuron) or a3.h5.d2 (head value dimension)."
-        ) from None
+            "m3.n17 (neuron) or a3.h5.d2 (head value dimension), with indices >= 0."
+        )
+    index = (int(match.group(2)), *(int(p[1:]) for p in parts))
+    if shape is not None:
+        if not shape.has(kind):
+            raise ValueError(f"Node {name!r} is a {kind}, but {shape.name!r} has no MLPs.")
+        limits = shape.units(kind)
+        if any(i >= n for i, n in zip(index, limits, strict=True)):
+            raise ValueError(
+                f"Node {name!r} is out of range for {shape.name!r}: {kind} indices must be "
+                f"below {limits} (layer{', unit' * (len(limits) - 1)})."
+            )
+    return kind, index
 
 
 _EDGE = re.compile(r"^(input|a\d+\.h\d+|m\d+)->(logits|m\d+|a\d+\.h\d+<([qkv])>)$")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .ablation import ABLATIONS
 from .circuit import Circuit
 from .evaluate import evaluate
 from .pruner import NodePruner, PruneConfig
@@ -18,6 +19,7 @@ from .sites import GRANULARITIES
 
 TASKS = ("ioi", "greater_than")
 PLANTED = "planted"
+DEFAULT_PROMPTS = 200
 
 
 def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -28,6 +30,8 @@ def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
         from .planted import planted_problem
 
         problem = planted_problem("bridge-native", seed=args.seed, n_prompts=args.n_prompts)
+        if args.device is not None:
+            problem.model.to(args.device)
         return problem.model, problem.task
     from . import tasks
     from .models import load_model
@@ -37,6 +41,26 @@ def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
     return model, make(model, n=args.n_prompts, seed=args.seed)
 
 
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False) -> Any:
+    """An argparse type: a `kind` number in [low, high) (or (low, high)), checked at parse time."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        if below or (high is not None and not value < high) or value != value:
+            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(int, 1)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -44,10 +68,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="smollm2-135m (offline), a TransformerLens name such as gpt2, or planted",
     )
     p.add_argument("--task", default="ioi", choices=(*TASKS, PLANTED))
-    p.add_argument("--n-prompts", type=int, default=200, help="prompts generated for the task")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n-prompts", type=POSITIVE, default=None, help="prompts generated for the task (200)"
+    )
+    p.add_argument("--seed", type=_number(int, 0), default=None, help="seed (0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--ablation", default="corrupted", choices=("corrupted", "mean", "zero"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,10 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("discover", help="learn node masks and write the circuit as JSON")
     _common(d)
+    d.add_argument("--ablation", default="corrupted", choices=ABLATIONS)
     d.add_argument("--out", type=Path, default=Path("circuit.json"))
-    d.add_argument("--steps", type=int, default=PruneConfig.steps)
-    d.add_argument("--lr", type=float, default=PruneConfig.lr)
-    d.add_argument("--batch-size", type=int, default=PruneConfig.batch_size)
+    d.add_argument("--steps", type=POSITIVE, default=PruneConfig.steps)
+    d.add_argument("--lr", type=_number(float, 0, low_open=True), default=PruneConfig.lr)
+    d.add_argument("--batch-size", type=POSITIVE, default=PruneConfig.batch_size)
     d.add_argument("--granularities", nargs="+", choices=GRANULARITIES, default=None)
     d.add_argument(
         "--penalty",
@@ -74,16 +100,28 @@ def _parser() -> argparse.ArgumentParser:
         metavar="G=FRACTION",
         help="fraction of a granularity to prune, e.g. neuron=0.9",
     )
-    d.add_argument("--warmup-steps", type=int, default=0)
+    d.add_argument("--warmup-steps", type=_number(int, 0), default=0)
     d.add_argument(
         "--train-fraction",
-        type=float,
+        type=_number(float, 0, 1, low_open=True),
         default=0.5,
         help="share of prompts to train on; the rest measure faithfulness",
     )
-    e = sub.add_parser("evaluate", help="faithfulness of a saved circuit on a task")
+    e = sub.add_parser(
+        "evaluate",
+        help="faithfulness of a saved circuit on the held-out prompts of its task",
+        description="Scores a saved circuit on the prompts its discovery held out (same task, "
+        "seed, prompt count and split, read from the circuit file) with the ablation it was "
+        "found with, unless the options below say otherwise.",
+    )
     e.add_argument("circuit", type=Path)
     _common(e)
+    e.add_argument(
+        "--ablation", default=None, choices=ABLATIONS, help="default: the circuit's own"
+    )
+    e.add_argument(
+        "--all-prompts", action="store_true", help="score every prompt, training ones included"
+    )
     return parser
 
 
@@ -93,7 +131,10 @@ def _pairs(items: list[str], flag: str) -> dict[str, float]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"{flag} expects G=VALUE pairs such as head=3, got {item!r}.")
-        out[key] = float(value)
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"{flag} {item!r}: {value!r} is not a number (e.g. head=3).") from None
     return out
 
 
@@ -105,25 +146,39 @@ def _summary(circuit: Circuit) -> str:
     )
 
 
+def _config(args: argparse.Namespace) -> PruneConfig:
+    """The run's PruneConfig, built (and so validated) before any model is loaded."""
+    try:
+        return PruneConfig(
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            granularities=tuple(args.granularities) if args.granularities else None,
+            ablation=args.ablation,
+            penalty=_pairs(args.penalty, "--penalty") or None,
+            target_sparsity=_pairs(args.target_sparsity, "--target-sparsity") or None,
+            warmup_steps=args.warmup_steps,
+        )
+    except ValueError as error:
+        raise SystemExit(f"Bad option: {error}") from None
+
+
 def discover(args: argparse.Namespace) -> dict[str, Any]:
+    args.seed = 0 if args.seed is None else args.seed
+    args.n_prompts = args.n_prompts or DEFAULT_PROMPTS
+    config = _config(args)
     torch.manual_seed(args.seed)
     model, task = _model_and_task(args)
     train, held_out = task.split(args.train_fraction, seed=args.seed)
-    config = PruneConfig(
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        granularities=tuple(args.granularities) if args.granularities else None,
-        ablation=args.ablation,
-        penalty=_pairs(args.penalty, "--penalty") or None,
-        target_sparsity=_pairs(args.target_sparsity, "--target-sparsity") or None,
-        warmup_steps=args.warmup_steps,
-    )
     result = NodePruner(model, config).fit(train)
     evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
     result.circuit.meta.update(
-        model=args.model, held_out=evaluation.to_dict(), seconds=round(result.seconds, 1)
+        model=args.model,
+        held_out=evaluation.to_dict(),
+        seconds=round(result.seconds, 1),
+        n_prompts=args.n_prompts,
+        train_fraction=args.train_fraction,
     )
     result.circuit.save(args.out)
     print(f"circuit for {task.name} on {args.model} ({result.seconds:.0f} s, {args.steps} steps):")
@@ -134,8 +189,14 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
+    """Score a saved circuit; by default on its own held-out prompts, with its own ablation."""
     circuit = Circuit.load(args.circuit)
+    meta = circuit.meta
+    args.seed = meta.get("seed", 0) if args.seed is None else args.seed
+    args.n_prompts = args.n_prompts or meta.get("n_prompts", DEFAULT_PROMPTS)
     model, task = _model_and_task(args)
+    if not args.all_prompts:
+        task = task.split(meta.get("train_fraction", 0.5), seed=args.seed)[1]
     evaluation = evaluate(model, circuit, task, ablation=args.ablation)
     print(_summary(circuit))
     print(evaluation)

@@ -7,12 +7,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import Tensor
 
-from .ablation import Ablation, AblationKind, mixing_hooks, site_masks
+from .ablation import (
+    DEFAULT_CACHE_BYTES,
+    Ablation,
+    AblationKind,
+    capture,
+    mixing_hooks,
+    site_masks,
+)
 from .circuit import Circuit
 from .objectives import answer_logits, kl_divergence
-from .sites import frozen
+from .sites import check_sites, frozen, model_device
 from .tasks.base import PromptTask
 
 
@@ -60,19 +68,37 @@ def evaluate(
     model: Any,
     circuit: Circuit,
     task: PromptTask,
-    ablation: AblationKind = "corrupted",
+    ablation: AblationKind | None = None,
     batch_size: int = 32,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Evaluation:
-    """Score `circuit` on `task`: metric and KL against the full model and the empty circuit."""
+    """Score `circuit` on `task`: metric and KL against the full model and the empty circuit.
+
+    `ablation` defaults to the one the circuit was found with (`circuit.meta["ablation"]`),
+    else corrupted.
+    """
+    ablation = ablation or circuit.meta.get("ablation", "corrupted")
     circuit.check_model(model)
-    task.check_vocab(circuit.shape.d_vocab)
+    task.check_vocab(circuit.shape.d_vocab, circuit.shape.vocab_out)
+    for g, t in circuit.gates.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(
+                f"The circuit's {g!r} gates hold NaN or infinite values; a gate must be a "
+                "number in [0, 1] (retrain, or rebuild the circuit with Circuit.from_nodes)."
+            )
     empty = Circuit.empty(circuit.shape)
     with frozen(model):
+        check_sites(
+            model,
+            circuit.shape,
+            (*circuit.shape.blocks(), *circuit.granularities),
+            lambda hooks: capture(model, task.clean[:1, :1].to(model_device(model)), hooks),
+        )
         names = sorted(
             set(site_masks(circuit.shape, circuit.gates))
             | set(site_masks(circuit.shape, empty.gates))
         )
-        abl = Ablation(model, task, names, ablation, batch_size)
+        abl = Ablation(model, task, names, ablation, batch_size, cache_bytes)
         full = answer_logits(model, task, batch_size=batch_size)
         kept = circuit_logits(model, circuit, task, abl, batch_size)
         none = circuit_logits(model, empty, task, abl, batch_size)

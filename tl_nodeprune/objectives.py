@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
@@ -27,9 +28,13 @@ def check_objective(objective: Objective) -> None:
 def kl_divergence(
     full: Float[Tensor, "batch vocab"], circuit: Float[Tensor, "batch vocab"]
 ) -> Float[Tensor, ""]:
-    """KL(full || circuit) of the next-token distributions, averaged over the batch."""
-    p_log = full.log_softmax(-1)
-    q_log = circuit.log_softmax(-1)
+    """KL(full || circuit) of the next-token distributions, averaged over the batch.
+
+    Computed in float32 whatever the model's dtype: in bfloat16 the log-softmax of a large
+    vocabulary loses the small differences the loss is made of.
+    """
+    p_log = full.float().log_softmax(-1)
+    q_log = circuit.float().log_softmax(-1)
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
 
 
@@ -51,7 +56,8 @@ def faithfulness_loss(
         return objective(circuit, full, task)
     if objective == "kl":
         return kl_divergence(full, circuit)
-    return ((logit_diff(task, circuit) - logit_diff(task, full)) ** 2).mean()
+    gap = logit_diff(task, circuit.float()) - logit_diff(task, full.float())
+    return (gap**2).mean()
 
 
 class _ResidualRead(Exception):
@@ -72,11 +78,11 @@ def forward_answers(
     at every position are most of the cost on a 49k-token vocabulary, and the objective never
     reads them. `fast_path_matches` checks that this equals the model's own logits.
     """
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    pos = answer_pos.to(tokens.device)
     if not fast:
         with model.hooks(fwd_hooks=hooks or []):
-            return model(tokens)[rows, pos]
+            logits = model(tokens)
+        rows = torch.arange(tokens.shape[0], device=logits.device)
+        return logits[rows, answer_pos.to(logits.device)]
     store: dict[str, Tensor] = {}
 
     def read(x: Tensor, hook: Any) -> Tensor:
@@ -89,21 +95,51 @@ def forward_answers(
             model(tokens)
     except _ResidualRead:
         pass
-    resid = store["resid"][rows, pos][:, None]  # (batch, 1, d_model)
+    resid = store["resid"]  # (batch, pos, d_model), on the last block's device
+    rows = torch.arange(tokens.shape[0], device=resid.device)
+    resid = resid[rows, answer_pos.to(resid.device)][:, None]  # (batch, 1, d_model)
     return model.unembed(model.ln_final(resid))[:, 0]
 
 
+# Agreement asked of the answer-only unembedding, by the dtype the model computes in: the two
+# paths round differently, by about the dtype's resolution times the logits' size.
+FAST_PATH_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
 def fast_path_matches(model: Any, task: PromptTask, n: int = 4) -> bool:
-    """Whether `forward_answers(fast=True)` reproduces the model's logits on a few prompts."""
+    """Whether `forward_answers(fast=True)` reproduces the model's logits on a few prompts.
+
+    When it does not, training falls back to the full unembedding (slower, same result) and
+    a warning says so, with the reason.
+    """
     part = task.subset(torch.arange(min(n, len(task))))
     tokens = part.clean.to(next(model.parameters()).device)
+    reason = ""
     with torch.no_grad():
         slow = forward_answers(model, tokens, part.answer_pos, fast=False)
+        tol = FAST_PATH_TOLERANCE.get(slow.dtype, 1e-4)
         try:
             quick = forward_answers(model, tokens, part.answer_pos, fast=True)
-        except (AttributeError, KeyError, TypeError, RuntimeError):
-            return False  # no ln_final / unembed module, or another hook layout
-    return quick.shape == slow.shape and bool(torch.allclose(quick, slow, atol=1e-4, rtol=1e-4))
+        except (AttributeError, KeyError, TypeError, RuntimeError) as error:
+            reason = f"{type(error).__name__}: {error}"  # no ln_final / unembed, other layout
+        else:
+            if quick.shape != slow.shape:
+                reason = f"shape {tuple(quick.shape)} instead of {tuple(slow.shape)}"
+            elif not torch.allclose(quick.float(), slow.float(), atol=tol, rtol=tol):
+                diff = (quick.float() - slow.float()).abs().max().item()
+                reason = f"logits differ by up to {diff:.3g} (tolerance {tol:g} for {slow.dtype})"
+    if reason:
+        warnings.warn(
+            "The answer-only unembedding does not reproduce this model's logits "
+            f"({reason}); training uses the full unembedding instead, which is slower.",
+            stacklevel=2,
+        )
+    return not reason
 
 
 def answer_logits(
@@ -117,12 +153,15 @@ def answer_logits(
 
     `hooks_for(idx, seq)` gives the hooks for the examples `idx` trimmed to `seq` positions.
     """
-    device = next(model.parameters()).device
+    task = task.to(next(model.parameters()).device)
+    seqs = (task.answer_pos.cpu() + 1).tolist()  # one read, before the loop
     out = []
     with torch.no_grad():
         for start in range(0, len(task), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(task)))
-            part = task.subset(idx)
-            hooks = hooks_for(idx, part.clean.shape[1]) if hooks_for else []
-            out.append(forward_answers(model, part.clean.to(device), part.answer_pos, hooks, fast))
+            stop = min(start + batch_size, len(task))
+            idx = torch.arange(start, stop, device=task.clean.device)
+            seq = max(seqs[start:stop])
+            part = task.take(idx, seq)
+            hooks = hooks_for(idx, seq) if hooks_for else []
+            out.append(forward_answers(model, part.clean, part.answer_pos, hooks, fast))
     return torch.cat(out)

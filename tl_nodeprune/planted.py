@@ -226,3 +226,47 @@ def planted_problem(
     task = PromptTask.from_tokens(clean, corrupted, correct, incorrect, name="planted")
     circuit = plant(model, sorted(heads), sorted(neurons), task, strength)
     return PlantedProblem(model, circuit, task)
+
+
+def add_distractors(
+    problem: PlantedProblem,
+    per_layer: int = 2,
+    strength: float = 0.05,
+    seed: int = 0,
+) -> PlantedProblem:
+    """Give `per_layer` unplanted heads and neurons per layer small but real output weights.
+
+    Each distractor writes a mean clean-vs-corrupted change of norm `strength` into the
+    residual stream at the answer position (planted units write about `plant`'s strength, 1
+    by default), along a random direction. Ablating one therefore changes the output a little:
+    discovery must prune them on their small effect, not because they are silent, which tests
+    its precision. The distractors' names go into `problem.circuit.meta["distractors"]`; the
+    circuit itself (the ground truth) is unchanged. Modifies `problem.model` in place.
+    """
+    model, task, truth = problem.model, problem.task, problem.circuit
+    shape = ModelShape.from_model(model)
+    gen = torch.Generator().manual_seed(seed)
+    chosen: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer in range(shape.n_layers):  # in order: a layer's change depends on earlier ones
+            for g, kind in (("head", "attn"), ("neuron", "mlp")):
+                free = (~truth.own_kept(g)[layer]).nonzero().flatten()
+                pick = free[torch.randperm(len(free), generator=gen)[:per_layer]]
+                units = torch.zeros(shape.units(g)[1], dtype=torch.bool)
+                units[pick] = True
+                chosen.setdefault(g, torch.zeros(shape.units(g), dtype=torch.bool))[layer] = units
+                w, axis = _output_weights(model, layer, kind)
+                per_row = w.shape[axis] // len(units)  # d_head rows per head, 1 per neuron
+                rows = units.repeat_interleave(per_row)
+                rows = rows.reshape(-1, *([1] * (w.dim() - 1))) if axis == 0 else rows
+                noise = torch.randn(w.shape, generator=gen) / shape.d_model**0.5
+                w.copy_(torch.where(rows, noise.to(w.dtype), w))
+                change = _unit_change(model, task, layer, g, w, axis).clamp(min=1e-6)
+                scale = torch.where(units, strength / change, torch.ones_like(change))
+                scale = scale.repeat_interleave(per_row)
+                w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))) if axis == 0 else scale)
+    names = [
+        f"a{layer}.h{h}" for layer, h in chosen["head"].nonzero().tolist()
+    ] + [f"m{layer}.n{n}" for layer, n in chosen["neuron"].nonzero().tolist()]
+    truth.meta.update(distractors=names, distractor_strength=strength)
+    return problem

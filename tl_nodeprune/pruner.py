@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -13,7 +14,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .ablation import Ablation, AblationKind, check_ablation, mixing_hooks, site_masks
+from .ablation import (
+    DEFAULT_CACHE_BYTES,
+    Ablation,
+    AblationKind,
+    capture,
+    check_ablation,
+    mixing_hooks,
+    site_masks,
+)
 from .circuit import Circuit
 from .gates import GateSet, HardConcrete
 from .objectives import (
@@ -24,7 +33,14 @@ from .objectives import (
     fast_path_matches,
     forward_answers,
 )
-from .sites import GRANULARITIES, ModelShape, check_granularity, frozen, model_device
+from .sites import (
+    GRANULARITIES,
+    ModelShape,
+    check_granularity,
+    check_sites,
+    frozen,
+    model_device,
+)
 from .tasks.base import PromptTask
 
 # Default price of keeping one node, in units of the faithfulness loss (nats for KL). A node's
@@ -51,6 +67,10 @@ class PruneConfig:
     gap = expected kept fraction - target kept fraction and lambda trained by gradient ascent
     (rate `lagrangian_lr`); the quadratic term damps the oscillation a bare multiplier shows.
     Penalties and targets ramp up linearly over `warmup_steps`.
+
+    The history stays on the model's device and is read back every `log_every` steps (one
+    host-device synchronisation per read; a non-finite loss is reported then, naming its
+    step). Corrupted activations are cached when they fit in `cache_bytes`, else recomputed.
     """
 
     steps: int = 300
@@ -69,16 +89,34 @@ class PruneConfig:
     hard_concrete: HardConcrete = field(default_factory=HardConcrete)
     seed: int = 0
     progress: bool = True
+    log_every: int = 25
+    cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(
                     f"PruneConfig.{name} must be a positive int, got {getattr(self, name)!r}."
                 )
+        if not (isinstance(self.cache_bytes, int) and self.cache_bytes >= 0):
+            raise ValueError(
+                f"PruneConfig.cache_bytes must be an int >= 0, got {self.cache_bytes!r}."
+            )
         for name in ("lr", "lagrangian_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PruneConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(
+                    f"PruneConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}."
+                )
+        if not (self.lagrangian_rho >= 0 and math.isfinite(self.lagrangian_rho)):
+            raise ValueError(
+                "PruneConfig.lagrangian_rho must be a finite number >= 0, got "
+                f"{self.lagrangian_rho!r}."
+            )
+        if not math.isfinite(self.init_log_alpha):
+            raise ValueError(
+                f"PruneConfig.init_log_alpha must be finite, got {self.init_log_alpha!r}; "
+                "3.0 starts every gate almost surely open."
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"PruneConfig.warmup_steps must be >= 0, got {self.warmup_steps}.")
         if not 0 < self.threshold < 1:
@@ -92,12 +130,25 @@ class PruneConfig:
                 check_granularity(g)
         for g, v in (self.penalty or {}).items():
             check_granularity(g)
-            if not v >= 0:
-                raise ValueError(f"PruneConfig.penalty[{g!r}] must be >= 0, got {v}.")
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"PruneConfig.penalty[{g!r}] must be finite and >= 0, got {v}.")
         for g, v in (self.target_sparsity or {}).items():
             check_granularity(g)
             if not 0 <= v < 1:
                 raise ValueError(f"PruneConfig.target_sparsity[{g!r}] must be in [0, 1), got {v}.")
+        if self.granularities is not None:
+            self.check_gated(tuple(self.granularities))
+
+    def check_gated(self, granularities: tuple[str, ...]) -> None:
+        """Refuse a penalty or target for a granularity the run does not gate."""
+        for name in ("penalty", "target_sparsity"):
+            extra = [g for g in (getattr(self, name) or {}) if g not in granularities]
+            if extra:
+                raise ValueError(
+                    f"PruneConfig.{name} names {', '.join(map(repr, extra))}, which this run does "
+                    f"not gate (granularities: {', '.join(granularities)}); add it to "
+                    f"granularities or drop it from {name}."
+                )
 
     def penalty_for(self, granularity: str, shape: ModelShape) -> float:
         """The weight on `granularity`'s mean expected L0 (given, or the per-node default)."""
@@ -129,45 +180,62 @@ class NodePruner:
         self.config = config or PruneConfig()
         self.shape = ModelShape.from_model(model)
         self.granularities = self.shape.resolve(self.config.granularities)
+        self.config.check_gated(self.granularities)
+        check_sites(model, self.shape, self.granularities)
 
     def fit(self, task: PromptTask) -> PruneResult:
         """Train the gates on `task` and return the circuit of nodes whose gate stays open."""
         cfg, model = self.config, self.model
-        task.check_vocab(self.shape.d_vocab)
+        task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
         start = time.perf_counter()
         device = model_device(model)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        batches = _batches(torch.Generator().manual_seed(cfg.seed), len(task), cfg.batch_size)
+        order = _batches(torch.Generator().manual_seed(cfg.seed), len(task), cfg.batch_size)
+        # Every step's examples and prompt length, decided on the host before the loop and
+        # moved to the device once: the loop then never waits for a host-device copy.
+        batches = [next(order) for _ in range(cfg.steps)]
+        sizes = [len(idx) for idx in batches]
+        flat = torch.cat(batches)
+        ends = [p + 1 for p in task.answer_pos.cpu()[flat].tolist()]
+        seqs = [max(part) for part in _split(ends, sizes)]
+        rows = _split(flat.tolist(), sizes) if task.prompts else None
+        on_device = flat.to(device).split(sizes)
         gates = GateSet(
             self.shape, self.granularities, cfg.init_log_alpha, cfg.hard_concrete, device
         )
         sparsity = _Sparsity(cfg, self.shape, self.granularities, device)
         optimizer = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
-        rows: list[dict[str, float]] = []
+        history = _History(cfg)
         with frozen(model):
             names = list(site_masks(self.shape, gates.sample(gen)))
-            ablation = Ablation(model, task, names, cfg.ablation, cfg.batch_size)
+            check_sites(
+                model,
+                self.shape,
+                self.granularities,
+                lambda hooks: capture(model, task.clean[:1, :1].to(device), hooks),
+            )
+            task = task.to(device)
+            ablation = Ablation(model, task, names, cfg.ablation, cfg.batch_size, cfg.cache_bytes)
             fast = fast_path_matches(model, task)
             full = answer_logits(model, task, batch_size=cfg.batch_size, fast=fast)
             for step in trange(cfg.steps, desc="pruning", disable=not cfg.progress):
-                idx = next(batches)
-                batch = task.subset(idx)
-                seq = batch.clean.shape[1]
+                idx, seq = on_device[step], seqs[step]
+                batch = task.take(idx, seq, rows[step] if rows else None)
                 sampled = gates.sample(gen)
                 hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
-                logits = forward_answers(
-                    model, batch.clean.to(device), batch.answer_pos, hooks, fast
-                )
-                faith = faithfulness_loss(cfg.objective, logits, full[idx.to(device)], batch)
+                logits = forward_answers(model, batch.clean, batch.answer_pos, hooks, fast)
+                faith = faithfulness_loss(cfg.objective, logits, full[idx], batch)
                 l0 = gates.expected_l0()
                 terms = {"faithfulness": faith, **sparsity.terms(l0, step)}
                 loss = sum(terms.values())
-                _check_finite(loss, terms, step, cfg.lr)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 sparsity.ascend(l0, step)
-                rows.append(_history_row(step, loss, terms, l0, gates, cfg, sparsity))
+                history.add(step, loss, terms, l0, gates, sparsity)
+                if (step + 1) % cfg.log_every == 0:
+                    history.read()  # the one host-device synchronisation of this interval
+            history.read()
         circuit = Circuit(
             self.shape,
             gates.deterministic(),
@@ -181,7 +249,8 @@ class NodePruner:
             },
         )
         log_alpha = {g: la.detach().cpu().clone() for g, la in gates.log_alpha.items()}
-        return PruneResult(circuit, pd.DataFrame(rows), log_alpha, cfg, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return PruneResult(circuit, history.frame(), log_alpha, cfg, seconds)
 
 
 def _batches(gen: torch.Generator, n: int, batch_size: int) -> Iterator[Tensor]:
@@ -190,6 +259,12 @@ def _batches(gen: torch.Generator, n: int, batch_size: int) -> Iterator[Tensor]:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             yield perm[i : i + batch_size].sort().values
+
+
+def _split(values: list, sizes: list[int]) -> list[list]:
+    """`values` cut into consecutive parts of the given sizes."""
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    return [values[a : a + n] for a, n in zip(starts, sizes, strict=True)]
 
 
 class _Sparsity:
@@ -224,37 +299,70 @@ class _Sparsity:
         for g, lam in self.multipliers.items():
             lam += self.cfg.lagrangian_lr * self.gap(g, l0[g].detach(), step)
 
-    def weight(self, g: str, step: int) -> float:
-        """The current multiplier, or the warmed-up penalty, of granularity g."""
+    def weight(self, g: str, step: int) -> Tensor | float:
+        """The current multiplier (a device tensor, not read), or the warmed-up penalty."""
         if g in self.multipliers:
-            return self.multipliers[g].item()
+            return self.multipliers[g].clone()
         return self.penalties[g] * self.cfg.ramp(step)
 
 
-def _check_finite(loss: Tensor, terms: dict[str, Tensor], step: int, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"Loss became {loss.item()} at step {step} ("
-            + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            + f"). Run the model in float32, lower PruneConfig.lr (now {lr}), or check that "
-            "a custom objective returns finite values."
-        )
+class _History:
+    """Per-step loss terms, expected L0s, kept fractions and multipliers, kept on the device.
+
+    `add` stacks a step's tensors into one device tensor without reading them (host numbers
+    such as the step and fixed penalties stay on the host); `read` copies the steps since the
+    last read to the host at once and raises on the first non-finite loss among them.
+    """
+
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
+        self.columns: list[str] = []
+        self.pending: list[tuple[dict[str, float], Tensor]] = []
+        self.rows: list[dict[str, float]] = []
+
+    def add(
+        self,
+        step: int,
+        loss: Tensor,
+        terms: dict[str, Tensor],
+        l0: dict[str, Tensor],
+        gates: GateSet,
+        sparsity: _Sparsity,
+    ) -> None:
+        values: dict[str, Tensor | float] = {"step": step, "loss": loss, **terms}
+        det = gates.deterministic()
+        for g in GRANULARITIES:
+            if g in l0:
+                values[f"expected_l0_{g}"] = l0[g]
+                values[f"kept_{g}"] = (det[g] > self.cfg.threshold).float().mean()
+                values[f"lambda_{g}"] = sparsity.weight(g, step)
+        self.columns = self.columns or list(values)
+        host = {k: v for k, v in values.items() if not isinstance(v, Tensor)}
+        device = [v.detach().float() for v in values.values() if isinstance(v, Tensor)]
+        self.pending.append((host, torch.stack(device)))
+
+    def read(self) -> None:
+        """Bring the pending rows to the host; raise on the first non-finite loss among them."""
+        if not self.pending:
+            return
+        block = torch.stack([t for _, t in self.pending]).tolist()  # one synchronisation
+        names = [c for c in self.columns if c not in self.pending[0][0]]
+        for (host, _), values in zip(self.pending, block, strict=True):
+            row = {**host, **dict(zip(names, values, strict=True))}
+            if not math.isfinite(row["loss"]):
+                _raise_non_finite(row, self.cfg.lr)
+            self.rows.append({c: row[c] for c in self.columns})
+        self.pending = []
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=self.columns)
 
 
-def _history_row(
-    step: int,
-    loss: Tensor,
-    terms: dict[str, Tensor],
-    l0: dict[str, Tensor],
-    gates: GateSet,
-    cfg: PruneConfig,
-    sparsity: _Sparsity,
-) -> dict[str, float]:
-    row = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-    det = gates.deterministic()
-    for g in GRANULARITIES:
-        if g in l0:
-            row[f"expected_l0_{g}"] = l0[g].item()
-            row[f"kept_{g}"] = (det[g] > cfg.threshold).float().mean().item()
-            row[f"lambda_{g}"] = sparsity.weight(g, step)
-    return row
+def _raise_non_finite(row: dict[str, float], lr: float) -> None:
+    terms = {k: v for k, v in row.items() if k == "faithfulness" or k.startswith("sparsity_")}
+    raise FloatingPointError(
+        f"Loss became {row['loss']} at step {int(row['step'])} ("
+        + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        + f"). Run the model in float32, lower PruneConfig.lr (now {lr}), or check that "
+        "a custom objective returns finite values."
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -128,16 +129,93 @@ class ModelShape:
         return tuple(g for g in GRANULARITIES if g in requested)
 
     def check_same(self, other: ModelShape) -> None:
-        """Raise a ValueError listing every size that differs between two shapes."""
+        """Raise a ValueError listing every size that differs between this model (self) and
+        the circuit's model (other); another model name alone is only a warning.
+
+        Sizes saved as 0 (unknown: files older than the field) are not compared.
+        """
+        mine = {**self.to_dict(), "vocab_out": self.vocab_out, "kv_heads": self.kv_heads}
+        theirs = {**other.to_dict(), "vocab_out": other.vocab_out, "kv_heads": other.kv_heads}
+        if not other.d_vocab_out:  # an old file: its output vocabulary is unknown
+            theirs["vocab_out"] = mine["vocab_out"]
+        if not other.n_key_value_heads:
+            theirs["kv_heads"] = mine["kv_heads"]
         diffs = [
-            f"{f}: circuit has {getattr(other, f)}, model has {getattr(self, f)}"
-            for f in ("n_layers", "n_heads", "d_head", "d_mlp")
-            if getattr(self, f) != getattr(other, f)
+            f"{f}: circuit has {theirs[f]}, model has {mine[f]}"
+            for f in SHAPE_FIELDS
+            if theirs[f] != mine[f] and not (f == "d_model" and theirs[f] == 0)
         ]
         if diffs:
             raise ValueError(
                 f"This circuit was found on {other.name!r} and does not fit model "
                 f"{self.name!r} ({'; '.join(diffs)}). Load the model the circuit was found on."
+            )
+        if other.name != self.name:
+            warnings.warn(
+                f"This circuit was found on {other.name!r}; applying it to {self.name!r}, "
+                "which has the same sizes. Check that this is the model you meant.",
+                stacklevel=3,
+            )
+
+
+# Every size a circuit depends on, compared by `ModelShape.check_same`.
+SHAPE_FIELDS: tuple[str, ...] = (
+    "n_layers", "n_heads", "d_head", "d_mlp", "d_model", "d_vocab", "vocab_out", "kv_heads"
+)  # fmt: skip
+
+# Expected activation shape at each gated hook, after (batch, pos).
+_HOOK_SHAPE = {
+    "attn": lambda s: (s.d_model,),
+    "mlp": lambda s: (s.d_model,),
+    "head": lambda s: (s.n_heads, s.d_head),
+    "neuron": lambda s: (s.d_mlp,),
+    "head_dim": lambda s: (s.n_heads, s.d_head),
+}
+
+
+def missing_hooks(model: Any, names: Iterable[str]) -> list[str]:
+    """The hook names the model does not have (before any forward pass)."""
+    hook_dict = getattr(model, "hook_dict", None)
+    if hook_dict is None:
+        raise TypeError(
+            f"{type(model).__name__} has no hook_dict: pass a TransformerLens model "
+            "(HookedTransformer or TransformerBridge), e.g. from tl_nodeprune.load_model."
+        )
+    return [n for n in names if n not in hook_dict]
+
+
+def check_sites(
+    model: Any,
+    shape: ModelShape,
+    granularities: Iterable[str],
+    probe: Any | None = None,
+) -> None:
+    """Raise a ValueError naming any gated hook that is missing or has an unexpected shape.
+
+    `probe(names)` runs the model on one token and returns the activations at `names`.
+    """
+    wanted = {hook_name(g, layer): g for g in granularities for layer in range(shape.n_layers)}
+    missing = missing_hooks(model, wanted)
+    if missing:
+        raise ValueError(
+            f"Model {shape.name!r} has no hook {missing[0]!r} ({len(missing)} gated hooks "
+            "missing). A TransformerBridge needs enable_compatibility_mode() for the classic "
+            "hook names, and some architectures name or place their hooks differently; "
+            "tl_nodeprune.load_model sets this up."
+        )
+    if probe is None:
+        return
+    acts = probe(list(wanted))
+    for name, g in wanted.items():
+        expected = _HOOK_SHAPE[g](shape)
+        got = tuple(acts[name].shape) if name in acts else None
+        if got is None or got[2:] != expected:
+            raise ValueError(
+                f"Hook {name!r} gives activations of shape {got} (batch, pos, ...), expected "
+                f"(batch, pos, {', '.join(map(str, expected))}) for {g!r} gates on "
+                f"{shape.name!r}. On a TransformerBridge turn on enable_compatibility_mode(); "
+                "otherwise this architecture lays this hook out differently and cannot be "
+                f"gated at {g!r}."
             )
 
 

@@ -121,7 +121,7 @@ def test_answer_outside_vocabulary_is_refused_before_training(problem):
     bad = tnp.PromptTask.from_tokens(
         task.clean, task.corrupted, task.correct + 1000, task.incorrect
     )
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    with pytest.raises(ValueError, match="outside the model's output vocabulary"):
         tnp.NodePruner(problem.model, FAST).fit(bad)
 
 

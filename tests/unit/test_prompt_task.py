@@ -4,6 +4,14 @@ import torch
 from tl_nodeprune import PromptTask
 
 
+def _zeros(*shape):
+    return torch.zeros(*shape, dtype=torch.long)
+
+
+def _ones(*shape):
+    return torch.ones(*shape, dtype=torch.long)
+
+
 def _task(n=6, seq=5, **kw):
     g = torch.Generator().manual_seed(0)
     return PromptTask.from_tokens(
@@ -17,14 +25,14 @@ def _task(n=6, seq=5, **kw):
 
 def test_shape_mismatch_is_named():
     with pytest.raises(ValueError, match="differ in shape"):
-        PromptTask.from_tokens(torch.zeros(2, 5), torch.zeros(2, 4), [1, 2], [3, 4])
+        PromptTask.from_tokens(_zeros(2, 5), _zeros(2, 4), [1, 2], [3, 4])
 
 
 def test_same_correct_and_incorrect_is_refused():
     with pytest.raises(ValueError, match="Prompt 1: token 2 is both a correct and an incorrect"):
-        PromptTask.from_tokens(torch.zeros(2, 3), torch.zeros(2, 3), [1, 2], [3, 2])
+        PromptTask.from_tokens(_zeros(2, 3), _zeros(2, 3), [1, 2], [3, 2])
     with pytest.raises(ValueError, match="Prompt 0: token 5 is both"):
-        PromptTask.from_tokens(torch.zeros(1, 3), torch.zeros(1, 3), [[1, 5]], [[5, -1]])
+        PromptTask.from_tokens(_zeros(1, 3), _zeros(1, 3), [[1, 5]], [[5, -1]])
 
 
 def test_a_single_prompt_with_scalar_answers():
@@ -34,14 +42,47 @@ def test_a_single_prompt_with_scalar_answers():
 
 def test_empty_task_is_refused():
     with pytest.raises(ValueError, match="non-empty"):
-        PromptTask.from_tokens(torch.zeros(0, 3), torch.zeros(0, 3), [], [])
+        PromptTask.from_tokens(_zeros(0, 3), _zeros(0, 3), [], [])
 
 
 def test_answer_outside_vocabulary_is_named():
-    task = PromptTask.from_tokens(torch.zeros(2, 3), torch.ones(2, 3), [1, 7], [2, 3])
+    task = PromptTask.from_tokens(_zeros(2, 3), _ones(2, 3), [1, 7], [2, 3])
     task.check_vocab(8)
     with pytest.raises(ValueError, match=r"correct holds token id 7 outside .*\[0, 5\)"):
         task.check_vocab(5)
+
+
+def test_prompts_are_checked_against_the_input_vocab_answers_against_the_output_vocab():
+    """A classifier head: 8 input tokens, 3 output classes; answers 1 and 2 are valid classes."""
+    task = PromptTask.from_tokens(torch.full((2, 3), 7), _ones(2, 3), [1, 2], [0, 0])
+    task.check_vocab(8, vocab_out=3)
+    with pytest.raises(ValueError, match=r"clean holds token id 7 outside the model's input"):
+        task.check_vocab(7, vocab_out=3)
+    with pytest.raises(ValueError, match=r"correct holds token id 2 outside .* output .*\[0, 2\)"):
+        task.check_vocab(8, vocab_out=2)
+    big = PromptTask.from_tokens(_ones(1, 3), _ones(1, 3), [40], [41])
+    big.check_vocab(8, vocab_out=50)  # output vocabulary larger than the input one
+
+
+@pytest.mark.parametrize("field", ["clean", "correct", "answer_pos"])
+def test_float_token_tensors_are_refused_not_truncated(field):
+    args = {"clean": _ones(2, 3), "corrupted": _ones(2, 3), "correct": [1, 2], "incorrect": [3, 4]}
+    args["answer_pos"] = [2, 2]
+    args[field] = torch.as_tensor(args[field]).float() + 0.5
+    with pytest.raises(ValueError, match=f"{field} must hold integer token ids.*float32"):
+        PromptTask.from_tokens(**args)
+    task = _task()
+    with pytest.raises(ValueError, match="PromptTask.clean must be an integer tensor"):
+        PromptTask(task.clean.float(), task.corrupted, task.correct, task.incorrect,
+                   task.answer_pos)  # fmt: skip
+
+
+def test_take_and_to_give_the_same_rows_as_subset():
+    task = _task(n=6, seq=5, answer_pos=[1, 4, 2, 3, 0, 2])
+    idx = torch.tensor([1, 3, 4])
+    a, b = task.subset(idx), task.take(idx, 5).to("cpu")
+    for name in ("clean", "corrupted", "correct", "incorrect", "answer_pos"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def test_split_is_seeded_and_disjoint():
@@ -57,10 +98,10 @@ def test_split_is_seeded_and_disjoint():
 
 def test_scores_by_hand():
     logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
-    task = PromptTask.from_tokens(torch.zeros(1, 2), torch.zeros(1, 2), [1], [2])
+    task = PromptTask.from_tokens(_zeros(1, 2), _zeros(1, 2), [1], [2])
     assert task.score(logits).item() == pytest.approx(1.0)
     sets = PromptTask.from_tokens(
-        torch.zeros(1, 2), torch.zeros(1, 2), [[1, 2]], [[3, -1]], metric="prob_diff"
+        _zeros(1, 2), _zeros(1, 2), [[1, 2]], [[3, -1]], metric="prob_diff"
     )
     p = logits.softmax(-1)[0]
     assert sets.score(logits).item() == pytest.approx((p[1] + p[2] - p[3]).item())
@@ -69,6 +110,6 @@ def test_scores_by_hand():
 def test_answer_logits_reads_each_examples_position():
     logits = torch.arange(2 * 3 * 4, dtype=torch.float).reshape(2, 3, 4)
     task = PromptTask.from_tokens(
-        torch.zeros(2, 3), torch.zeros(2, 3), [0, 0], [1, 1], answer_pos=[2, 0]
+        _zeros(2, 3), _zeros(2, 3), [0, 0], [1, 1], answer_pos=[2, 0]
     )
     assert torch.equal(task.answer_logits(logits), torch.stack([logits[0, 2], logits[1, 0]]))

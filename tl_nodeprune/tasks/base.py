@@ -14,9 +14,20 @@ Metric = Literal["logit_diff", "prob_diff"]
 PAD_ANSWER = -1  # fills answer sets shorter than the longest one
 
 
+def _ids(values: Any, name: str) -> Tensor:
+    """Token ids as a long tensor; floats and booleans are refused rather than truncated."""
+    t = torch.as_tensor(values)
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise ValueError(
+            f"{name} must hold integer token ids, got a {t.dtype} tensor; build it with "
+            "model.to_tokens(...) or torch.tensor(ids, dtype=torch.long)."
+        )
+    return t.long()
+
+
 def _as_2d(ids: Any, name: str) -> Tensor:
     """Answers as a (batch, n_answers) long tensor; a 1-D input is one answer per example."""
-    t = torch.as_tensor(ids, dtype=torch.long)
+    t = _ids(ids, name)
     if t.dim() == 0:  # one prompt, one answer
         t = t.reshape(1, 1)
     if t.dim() == 1:
@@ -46,6 +57,14 @@ class PromptTask:
     prompts: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        for name in ("clean", "corrupted", "correct", "incorrect", "answer_pos"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.is_floating_point() or t.dtype == torch.bool:
+                kind = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"PromptTask.{name} must be an integer tensor, got {kind}; use "
+                    "PromptTask.from_tokens(...) to convert lists of ids."
+                )
         n = self.clean.shape[0] if self.clean.dim() == 2 else -1
         if self.clean.dim() != 2 or n == 0:
             raise ValueError("clean must be a non-empty (batch, pos) tensor of token ids.")
@@ -90,8 +109,8 @@ class PromptTask:
         name: str = "custom",
     ) -> PromptTask:
         """Build from token ids; by default every answer is read at the last position."""
-        clean_t = torch.as_tensor(clean, dtype=torch.long)
-        corrupted_t = torch.as_tensor(corrupted, dtype=torch.long)
+        clean_t = _ids(clean, "clean")
+        corrupted_t = _ids(corrupted, "corrupted")
         if clean_t.dim() == 1:
             clean_t, corrupted_t = clean_t[None], corrupted_t[None]
         if answer_pos is None:
@@ -101,7 +120,7 @@ class PromptTask:
             corrupted=corrupted_t,
             correct=_as_2d(correct, "correct"),
             incorrect=_as_2d(incorrect, "incorrect"),
-            answer_pos=torch.as_tensor(answer_pos, dtype=torch.long),
+            answer_pos=_ids(answer_pos, "answer_pos"),
             metric=metric,
             name=name,
         )
@@ -186,6 +205,35 @@ class PromptTask:
             prompts=prompts,
         )
 
+    def take(self, idx: Tensor, seq: int, rows: list[int] | None = None) -> PromptTask:
+        """Examples `idx` of this (already validated) task trimmed to `seq`, without checks.
+
+        The training loop calls this every step: `idx` stays on the task's device and nothing
+        is read back to the host. `rows` (the same indices as ints) selects `prompts`.
+        """
+        fields = {
+            "clean": self.clean[idx, :seq],
+            "corrupted": self.corrupted[idx, :seq],
+            "correct": self.correct[idx],
+            "incorrect": self.incorrect[idx],
+            "answer_pos": self.answer_pos[idx],
+            "metric": self.metric,
+            "name": self.name,
+            "prompts": None
+            if self.prompts is None or rows is None
+            else tuple(self.prompts[i] for i in rows),
+        }
+        return _unchecked(fields)
+
+    def to(self, device: Any) -> PromptTask:
+        """The same task with its tensors on `device` (self when they are there already)."""
+        if self.clean.device == torch.device(device):
+            return self
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        for name in ("clean", "corrupted", "correct", "incorrect", "answer_pos"):
+            fields[name] = fields[name].to(device)
+        return _unchecked(fields)
+
     def split(self, train_fraction: float = 0.5, seed: int = 0) -> tuple[PromptTask, PromptTask]:
         """A seeded random (train, held-out) split, so faithfulness is read on unseen prompts."""
         if not 0 < train_fraction < 1:
@@ -196,17 +244,20 @@ class PromptTask:
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return self.subset(perm[:n_train].sort().values), self.subset(perm[n_train:].sort().values)
 
-    def check_vocab(self, d_vocab: int) -> None:
-        """Raise a ValueError when any token or answer id is outside the model's vocabulary."""
-        for name in ("clean", "corrupted", "correct", "incorrect"):
+    def check_vocab(self, d_vocab: int, vocab_out: int | None = None) -> None:
+        """Raise a ValueError when a prompt token is outside the input vocabulary (`d_vocab`)
+        or an answer id outside the output vocabulary (`vocab_out`, default `d_vocab`)."""
+        limits = {"clean": d_vocab, "corrupted": d_vocab}
+        limits |= dict.fromkeys(("correct", "incorrect"), vocab_out or d_vocab)
+        for name, limit in limits.items():
             t = getattr(self, name)
             valid = t[t != PAD_ANSWER] if name in ("correct", "incorrect") else t
-            if valid.numel() and (valid.min() < 0 or valid.max() >= d_vocab):
-                worst = int(valid.max() if valid.max() >= d_vocab else valid.min())
+            if valid.numel() and (valid.min() < 0 or valid.max() >= limit):
+                worst = int(valid.max() if valid.max() >= limit else valid.min())
+                which = "input" if name in ("clean", "corrupted") else "output"
                 raise ValueError(
-                    f"{name} holds token id {worst}"
-                    f" outside the model's vocabulary [0, {d_vocab}); build the task with this "
-                    "model's tokenizer."
+                    f"{name} holds token id {worst} outside the model's {which} vocabulary "
+                    f"[0, {limit}); build the task with this model's tokenizer."
                 )
 
     def answer_logits(
@@ -224,6 +275,14 @@ class PromptTask:
         return _set_value(values, self.correct, self.metric) - _set_value(
             values, self.incorrect, self.metric
         )
+
+
+def _unchecked(fields: dict[str, Any]) -> PromptTask:
+    """A PromptTask from fields known to be valid, skipping `__post_init__` (no host syncs)."""
+    task = object.__new__(PromptTask)
+    for name, value in fields.items():
+        object.__setattr__(task, name, value)
+    return task
 
 
 def _set_value(values: Tensor, ids: Tensor, metric: Metric) -> Tensor:
