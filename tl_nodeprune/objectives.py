@@ -75,8 +75,8 @@ def forward_answers(
 
     With `fast`, the pass stops at the last residual stream and only the answer positions go
     through the final norm and the unembedding: full-vocabulary logits (and their gradient)
-    at every position are most of the cost on a 49k-token vocabulary, and the objective never
-    reads them. `fast_path_matches` checks that this equals the model's own logits.
+    at every position are a large share of the cost on a 49k-token vocabulary, and the
+    objective never reads them. `fast_path_matches` checks that this equals the model's own logits.
     """
     if not fast:
         with model.hooks(fwd_hooks=hooks or []):

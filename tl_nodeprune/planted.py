@@ -233,8 +233,9 @@ def add_distractors(
     per_layer: int = 2,
     strength: float = 0.05,
     seed: int = 0,
+    kinds: tuple[str, ...] = ("head", "neuron"),
 ) -> PlantedProblem:
-    """Give `per_layer` unplanted heads and neurons per layer small but real output weights.
+    """Give `per_layer` unplanted units of each of `kinds` per layer small but real outputs.
 
     Each distractor writes a mean clean-vs-corrupted change of norm `strength` into the
     residual stream at the answer position (planted units write about `plant`'s strength, 1
@@ -250,6 +251,8 @@ def add_distractors(
     with torch.no_grad():
         for layer in range(shape.n_layers):  # in order: a layer's change depends on earlier ones
             for g, kind in (("head", "attn"), ("neuron", "mlp")):
+                if g not in kinds:
+                    continue
                 free = (~truth.own_kept(g)[layer]).nonzero().flatten()
                 pick = free[torch.randperm(len(free), generator=gen)[:per_layer]]
                 units = torch.zeros(shape.units(g)[1], dtype=torch.bool)
@@ -265,8 +268,7 @@ def add_distractors(
                 scale = torch.where(units, strength / change, torch.ones_like(change))
                 scale = scale.repeat_interleave(per_row)
                 w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))) if axis == 0 else scale)
-    names = [
-        f"a{layer}.h{h}" for layer, h in chosen["head"].nonzero().tolist()
-    ] + [f"m{layer}.n{n}" for layer, n in chosen["neuron"].nonzero().tolist()]
+    prefix = {"head": "a{}.h{}", "neuron": "m{}.n{}"}
+    names = [prefix[g].format(*unit) for g, m in chosen.items() for unit in m.nonzero().tolist()]
     truth.meta.update(distractors=names, distractor_strength=strength)
     return problem

@@ -224,7 +224,7 @@ class NodePruner:
                 sampled = gates.sample(gen)
                 hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
                 logits = forward_answers(model, batch.clean, batch.answer_pos, hooks, fast)
-                faith = faithfulness_loss(cfg.objective, logits, full[idx], batch)
+                faith = faithfulness_loss(cfg.objective, logits, full[idx.to(full.device)], batch)
                 l0 = gates.expected_l0()
                 terms = {"faithfulness": faith, **sparsity.terms(l0, step)}
                 loss = sum(terms.values())

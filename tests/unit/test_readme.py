@@ -1,0 +1,21 @@
+"""The README quotes the code's defaults; this keeps them equal."""
+
+import re
+from pathlib import Path
+
+from tl_nodeprune.pruner import DEFAULT_NODE_COST
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_node_prices_are_the_codes():
+    text = " ".join(README.read_text().split())
+    match = re.search(
+        r"a block ([\d.]+), a head ([\d.]+), a neuron ([\d.]+), a head value dimension ([\d.]+)",
+        text,
+    )
+    assert match, "the README no longer quotes the node prices in the expected sentence"
+    quoted = [float(x) for x in match.groups()]
+    code = [DEFAULT_NODE_COST[g] for g in ("attn", "head", "neuron", "head_dim")]
+    assert DEFAULT_NODE_COST["attn"] == DEFAULT_NODE_COST["mlp"]
+    assert quoted == code
