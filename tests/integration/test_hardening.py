@@ -47,7 +47,7 @@ def _assert_same_nodes(found: tnp.Circuit, truth: tnp.Circuit, granularities=GAT
 @pytest.mark.parametrize(("ablation", "objective"), [("mean", "kl"), ("zero", "logit_diff")])
 def test_fit_recovers_the_planted_circuit_with_other_ablations_and_objectives(ablation, objective):
     problem = planted_problem("bridge-native", seed=0, n_prompts=32)
-    cfg = tnp.PruneConfig(steps=200, ablation=ablation, objective=objective, progress=False)
+    cfg = tnp.PruneConfig(steps=100, ablation=ablation, objective=objective, progress=False)
     result = tnp.NodePruner(problem.model, cfg).fit(problem.task)
     _assert_same_nodes(result.circuit, problem.circuit)
     assert result.circuit.meta["ablation"] == ablation
@@ -55,7 +55,7 @@ def test_fit_recovers_the_planted_circuit_with_other_ablations_and_objectives(ab
 
 def test_head_dim_gates_keep_exactly_the_planted_heads_dimensions():
     problem = planted_problem("bridge-native", seed=0, n_prompts=32)
-    cfg = tnp.PruneConfig(steps=200, granularities=(*GATED, "head_dim"), progress=False)
+    cfg = tnp.PruneConfig(steps=100, granularities=(*GATED, "head_dim"), progress=False)
     found = tnp.NodePruner(problem.model, cfg).fit(problem.task).circuit
     dims = found.kept("head_dim")  # (layer, head, d_head)
     planted = problem.circuit.kept("head")
@@ -71,7 +71,7 @@ def test_fit_on_an_attention_only_model_recovers_its_planted_heads():
             w, axis = _output_weights(model, layer, "attn")  # (d_model, head * d_head)
             keep = torch.tensor([(layer, h) in planted for h in range(4)], dtype=w.dtype)
             w.mul_(keep.repeat_interleave(w.shape[axis] // 4))
-    cfg = tnp.PruneConfig(steps=200, progress=False)
+    cfg = tnp.PruneConfig(steps=100, progress=False)
     found = tnp.NodePruner(model, cfg).fit(_random_task(model.cfg.d_vocab)).circuit
     assert found.granularities == ("attn", "head")
     assert found.heads == planted
@@ -113,7 +113,7 @@ def test_fit_on_a_parallel_attention_and_mlp_model_recovers_its_planted_circuit(
                 model(task.clean)
     assert torch.equal(seen[False], seen[True]), "attention and MLP must run in parallel"
     truth = plant(model, [(0, 1), (1, 2)], [(0, 3), (0, 7), (1, 5)], task)
-    found = tnp.NodePruner(model, tnp.PruneConfig(steps=150, progress=False)).fit(task).circuit
+    found = tnp.NodePruner(model, tnp.PruneConfig(steps=100, progress=False)).fit(task).circuit
     _assert_same_nodes(found, truth)
 
 
@@ -125,10 +125,12 @@ def test_distractor_heads_with_small_effects_are_pruned():
     assert len(problem.circuit.meta["distractors"]) == 6
     ablate_all_but_truth = tnp.evaluate(problem.model, problem.circuit, problem.task)
     assert ablate_all_but_truth.kl > 1e-4, "the distractors must change the output"
-    found = tnp.NodePruner(problem.model, tnp.PruneConfig(progress=False)).fit(problem.task)
+    cfg = tnp.PruneConfig(steps=150, progress=False)
+    found = tnp.NodePruner(problem.model, cfg).fit(problem.task)
     _assert_same_nodes(found.circuit, problem.circuit)
 
 
+@pytest.mark.slow  # 300 steps on 64 prompts: about a minute on two cores
 @pytest.mark.xfail(
     strict=True,
     reason="measured (issue 10): with 300 default steps, distractor neuron m0.n28 (norm 0.003, "
