@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import trange
 
 from .ablation import Ablation, AblationKind, check_ablation, mixing_hooks, site_masks
+from .checkpoint import CheckpointMode, check_checkpoint, checkpointed_blocks, use_checkpoint
 from .circuit import Circuit
 from .gates import GateSet, HardConcrete
 from .objectives import (
@@ -51,6 +52,9 @@ class PruneConfig:
     gap = expected kept fraction - target kept fraction and lambda trained by gradient ascent
     (rate `lagrangian_lr`); the quadratic term damps the oscillation a bare multiplier shows.
     Penalties and targets ramp up linearly over `warmup_steps`.
+    `checkpoint` recomputes each block in backward instead of keeping its activations
+    (`tl_nodeprune.checkpoint`): True, False, or "auto" (on when a step's estimated activation
+    memory exceeds `checkpoint_budget_bytes`); the gradients are the same either way.
     """
 
     steps: int = 300
@@ -69,6 +73,8 @@ class PruneConfig:
     hard_concrete: HardConcrete = field(default_factory=HardConcrete)
     seed: int = 0
     progress: bool = True
+    checkpoint: CheckpointMode = "auto"
+    checkpoint_budget_bytes: int = 2**31
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -84,6 +90,7 @@ class PruneConfig:
         if not 0 < self.threshold < 1:
             raise ValueError(f"PruneConfig.threshold must be in (0, 1), got {self.threshold}.")
         check_ablation(self.ablation)
+        check_checkpoint(self.checkpoint, self.checkpoint_budget_bytes)
         check_objective(self.objective)
         if self.granularities is not None:
             if isinstance(self.granularities, str):
@@ -155,16 +162,19 @@ class NodePruner:
                 seq = batch.clean.shape[1]
                 sampled = gates.sample(gen)
                 hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
-                logits = forward_answers(
-                    model, batch.clean.to(device), batch.answer_pos, hooks, fast
-                )
-                faith = faithfulness_loss(cfg.objective, logits, full[idx.to(device)], batch)
-                l0 = gates.expected_l0()
-                terms = {"faithfulness": faith, **sparsity.terms(l0, step)}
-                loss = sum(terms.values())
-                _check_finite(loss, terms, step, cfg.lr)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                ckpt = use_checkpoint(cfg.checkpoint, cfg.checkpoint_budget_bytes, self.shape,
+                                      len(idx), seq, full.element_size())  # fmt: skip
+                # Backward inside the hooks: checkpointed blocks rerun their gated forward there.
+                with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, ckpt):
+                    logits = forward_answers(model, batch.clean.to(device), batch.answer_pos,
+                                             fast=fast)  # fmt: skip
+                    faith = faithfulness_loss(cfg.objective, logits, full[idx.to(device)], batch)
+                    l0 = gates.expected_l0()
+                    terms = {"faithfulness": faith, **sparsity.terms(l0, step)}
+                    loss = sum(terms.values())
+                    _check_finite(loss, terms, step, cfg.lr)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 optimizer.step()
                 sparsity.ascend(l0, step)
                 rows.append(_history_row(step, loss, terms, l0, gates, cfg, sparsity))
