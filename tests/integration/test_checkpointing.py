@@ -6,7 +6,7 @@ from torch.utils.checkpoint import CheckpointError
 
 import tl_nodeprune as tnp
 from tl_nodeprune.ablation import capture, mixing_hooks, site_masks
-from tl_nodeprune.checkpoint import checkpointed_blocks, wrapped_blocks
+from tl_nodeprune.checkpoint import activation_bytes, checkpointed_blocks, wrapped_blocks
 from tl_nodeprune.gates import GateSet, HardConcrete
 from tl_nodeprune.objectives import forward_answers, kl_divergence
 from tl_nodeprune.planted import planted_problem, tiny_model
@@ -85,6 +85,28 @@ def test_checkpointing_keeps_far_fewer_activations_for_backward(flavour):
                 out.sum().backward()
         saved[checkpoint] = total[0]
     assert saved[True] < saved[False] / 3, saved
+
+
+def test_activation_estimate_is_close_to_what_backward_keeps(flavour):
+    """'auto' decides on `activation_bytes`: it must track the bytes really saved for backward."""
+    model, shape, gates, tokens, corrupted, pos = _setup(flavour)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # frozen weights are not activations
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with frozen(model):
+        masks = site_masks(shape, gates.sample(torch.Generator().manual_seed(0)))
+        hooks = mixing_hooks(masks, capture(model, corrupted, list(masks)))
+        with model.hooks(fwd_hooks=hooks):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                forward_answers(model, tokens, pos)
+    ratio = sum(saved.values()) / activation_bytes(shape, *tokens.shape)
+    assert 0.5 < ratio < 1.5, ratio
 
 
 def test_backward_outside_the_hooks_context_fails_loudly(flavour):
