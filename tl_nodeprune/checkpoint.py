@@ -59,18 +59,30 @@ def activation_bytes(
     return int(shape.n_layers * batch * seq * per_token * element_size)
 
 
-def use_checkpoint(
+def blocks_to_checkpoint(
     mode: CheckpointMode,
     budget_bytes: int,
     shape: ModelShape,
     batch: int,
     seq: int,
     element_size: int = 4,
-) -> bool:
-    """Whether to checkpoint a step: as asked, or under 'auto' when the estimate exceeds budget."""
-    if mode == "auto":
-        return activation_bytes(shape, batch, seq, element_size) > budget_bytes
-    return bool(mode)
+) -> int:
+    """How many blocks to checkpoint in a step: all, none, or under 'auto' the fewest that fit.
+
+    Each checkpointed block trades its activations for its input (one residual-width tensor)
+    and one extra forward in backward, so 'auto' pays recomputation only where the estimate
+    would exceed `budget_bytes`; when no number fits, it checkpoints every block.
+    """
+    if mode != "auto":
+        return shape.n_layers if mode else 0
+    per_layer = activation_bytes(shape, batch, seq, element_size) / shape.n_layers
+    block_input = batch * seq * (shape.d_model or shape.n_heads * shape.d_head) * element_size
+    for k in range(shape.n_layers + 1):
+        # k blocks keep only their inputs; backward recomputes one of them at a time.
+        kept = (shape.n_layers - k) * per_layer + k * block_input + (per_layer if k else 0)
+        if kept <= budget_bytes:
+            return k
+    return shape.n_layers
 
 
 def model_blocks(model: Any) -> list[nn.Module]:
@@ -94,19 +106,17 @@ def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextmanager
-def checkpointed_blocks(model: Any, enabled: bool = True) -> Iterator[None]:
-    """Checkpoint every block of `model` inside the context; the blocks are restored on exit.
+def checkpointed_blocks(model: Any, count: int | None = None) -> Iterator[None]:
+    """Checkpoint the first `count` blocks of `model` (all by default) inside the context.
 
-    Each block gets an instance-level `forward` that calls the class's forward through
+    Each such block gets an instance-level `forward` that calls the class's forward through
     `checkpoint`; leaving the context (normally or by an exception) deletes it again. Run the
     backward pass inside both this context and the `model.hooks(...)` of the forward.
     """
-    if not enabled:
-        yield
-        return
+    blocks = model_blocks(model)
     wrapped: list[nn.Module] = []
     try:
-        for block in model_blocks(model):
+        for block in blocks[: len(blocks) if count is None else count]:
             if "forward" in vars(block):
                 raise RuntimeError(
                     f"{type(block).__name__} already has an instance-level forward; "

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import trange
 
 from .ablation import Ablation, AblationKind, check_ablation, mixing_hooks, site_masks
-from .checkpoint import CheckpointMode, check_checkpoint, checkpointed_blocks, use_checkpoint
+from .checkpoint import CheckpointMode, blocks_to_checkpoint, check_checkpoint, checkpointed_blocks
 from .circuit import Circuit
 from .gates import GateSet, HardConcrete
 from .objectives import (
@@ -52,9 +52,10 @@ class PruneConfig:
     gap = expected kept fraction - target kept fraction and lambda trained by gradient ascent
     (rate `lagrangian_lr`); the quadratic term damps the oscillation a bare multiplier shows.
     Penalties and targets ramp up linearly over `warmup_steps`.
-    `checkpoint` recomputes each block in backward instead of keeping its activations
-    (`tl_nodeprune.checkpoint`): True, False, or "auto" (on when a step's estimated activation
-    memory exceeds `checkpoint_budget_bytes`); the gradients are the same either way.
+    `checkpoint` recomputes blocks in backward instead of keeping their activations
+    (`tl_nodeprune.checkpoint`): True (every block), False, or "auto" (the fewest blocks that
+    bring a step's estimated activation memory under `checkpoint_budget_bytes`); the gradients
+    are the same either way.
     """
 
     steps: int = 300
@@ -162,8 +163,8 @@ class NodePruner:
                 seq = batch.clean.shape[1]
                 sampled = gates.sample(gen)
                 hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
-                ckpt = use_checkpoint(cfg.checkpoint, cfg.checkpoint_budget_bytes, self.shape,
-                                      len(idx), seq, full.element_size())  # fmt: skip
+                ckpt = blocks_to_checkpoint(cfg.checkpoint, cfg.checkpoint_budget_bytes, self.shape,
+                                            *batch.clean.shape, full.element_size())  # fmt: skip
                 # Backward inside the hooks: checkpointed blocks rerun their gated forward there.
                 with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, ckpt):
                     logits = forward_answers(model, batch.clean.to(device), batch.answer_pos,

@@ -38,8 +38,11 @@ def _counting(hooks, calls):
     return [(name, wrap(name, fn)) for name, fn in hooks]
 
 
-def _gate_grads(flavour, checkpoint, fast=True):
-    """Gradient into every gate's log_alpha for one noisy KL step, and the hook calls."""
+def _gate_grads(flavour, count, fast=True):
+    """Gradient into every gate's log_alpha for one noisy KL step, and the hook calls.
+
+    `count` blocks are checkpointed (None: all of them).
+    """
     model, shape, gates, tokens, corrupted, pos = _setup(flavour)
     calls: dict[str, int] = {}
     with frozen(model):
@@ -47,7 +50,7 @@ def _gate_grads(flavour, checkpoint, fast=True):
         ablated = capture(model, corrupted, list(masks))
         full = forward_answers(model, tokens, pos, fast=fast).detach()
         hooks = _counting(mixing_hooks(masks, ablated), calls)
-        with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, checkpoint):
+        with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, count):
             loss = kl_divergence(full, forward_answers(model, tokens, pos, fast=fast))
             loss.backward()
     return {g: p.grad.clone() for g, p in gates.log_alpha.items()}, calls
@@ -55,14 +58,25 @@ def _gate_grads(flavour, checkpoint, fast=True):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["answer-positions", "full-logits"])
 def test_gate_gradients_are_the_same_with_checkpointing(flavour, fast):
-    plain, plain_calls = _gate_grads(flavour, False, fast)
-    ckpt, ckpt_calls = _gate_grads(flavour, True, fast)
+    plain, plain_calls = _gate_grads(flavour, 0, fast)
+    ckpt, ckpt_calls = _gate_grads(flavour, None, fast)
     for g in plain:
         assert plain[g].abs().max() > 0, f"{g}: no gradient at all"
         torch.testing.assert_close(ckpt[g], plain[g], rtol=1e-5, atol=1e-6)
     # Checkpointing really happened: every gated hook ran again during backward.
     assert set(plain_calls.values()) == {1}
     assert set(ckpt_calls.values()) == {2}
+
+
+def test_checkpointing_only_the_first_block_gives_the_same_gradients(flavour):
+    plain, _ = _gate_grads(flavour, 0)
+    partial, calls = _gate_grads(flavour, 1)
+    for g in plain:
+        torch.testing.assert_close(partial[g], plain[g], rtol=1e-5, atol=1e-6)
+    assert {n: c for n, c in calls.items() if n.startswith("blocks.0.")} == {
+        n: 2 for n in calls if n.startswith("blocks.0.")
+    }
+    assert {c for n, c in calls.items() if n.startswith("blocks.1.")} == {1}
 
 
 def test_checkpointing_keeps_far_fewer_activations_for_backward(flavour):
@@ -79,7 +93,10 @@ def test_checkpointing_keeps_far_fewer_activations_for_backward(flavour):
         with frozen(model):
             masks = site_masks(shape, gates.sample(torch.Generator().manual_seed(0)))
             hooks = mixing_hooks(masks, capture(model, corrupted, list(masks)))
-            with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, checkpoint):
+            with (
+                model.hooks(fwd_hooks=hooks),
+                checkpointed_blocks(model, None if checkpoint else 0),
+            ):
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     out = forward_answers(model, tokens, pos)
                 out.sum().backward()
