@@ -29,6 +29,9 @@ GRANULARITIES = ("attn", "mlp", "head", "neuron")
 MEASURED = [(8, 64), (32, 64), (8, 256)]  # (batch, seq); the scaling fit uses these
 SEQS = (64, 128, 256, 512, 1024)
 GIB = 2**30
+# Corrupted activations cached at the gated hooks, per token: attn_out, mlp_out and z
+# (d_model wide each) and mlp.hook_post (d_mlp wide), in every layer, fp32.
+ABLATED_BYTES_PER_TOKEN = GPT2_SMALL["n_layers"] * (3 * 768 + GPT2_SMALL["d_mlp"]) * 4
 
 
 def _status_kib(field: str) -> int:
@@ -148,9 +151,14 @@ def markdown(frame) -> str:
 def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) -> None:
     import pandas as pd
 
-    fitted = [r for r in rows if (r["batch"], r["seq"]) in MEASURED]
-    coefs = {c: fit_scaling([r for r in fitted if r["checkpoint"] == c]) for c in (False, True)}
-    checks = [r for r in rows if (r["batch"], r["seq"]) == check]
+    by = {(r["batch"], r["seq"], r["checkpoint"]): r for r in rows}
+    coefs = {  # None where a mode misses one of the points the fit needs
+        c: fit_scaling([by[b, s, c] for b, s in MEASURED])
+        if all((b, s, c) in by for b, s in MEASURED)
+        else None
+        for c in (False, True)
+    }
+    checks = [r for r in rows if (r["batch"], r["seq"]) == check and coefs[r["checkpoint"]]]
     for r in checks:
         r["predicted_gib"] = round(predict(coefs[r["checkpoint"]], *check), 3)
 
@@ -162,16 +170,19 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
     budget = args.cap_gib - model_gib
     fits = pd.DataFrame(
         [{"seq": s, **{f"largest batch, checkpoint {'on' if c else 'off'}":
-                       largest_batch(coefs[c], s, budget) for c in (False, True)}}
+                       largest_batch(coefs[c], s, budget) if coefs[c] else "not fitted"
+                       for c in (False, True)}}
          for s in SEQS]
     )  # fmt: skip
     ratio = []
-    for b, s in MEASURED:
-        off, on = (next(r for r in rows if (r["batch"], r["seq"], r["checkpoint"]) == (b, s, c))
-                   for c in (False, True))  # fmt: skip
+    for b, s in [*MEASURED, check]:
+        if (b, s, False) not in by or (b, s, True) not in by:
+            continue
+        off, on = by[b, s, False], by[b, s, True]
         ratio.append({"batch x seq": f"{b}x{s}", "extra GiB off": off["extra_gib"],
                       "extra GiB on": on["extra_gib"],
                       "memory on/off": round(on["extra_gib"] / off["extra_gib"], 2),
+                      "ablated values GiB": round(b * s * ABLATED_BYTES_PER_TOKEN / GIB, 3),
                       "step CPU s off": off["step_cpu_s"], "step CPU s on": on["step_cpu_s"],
                       "CPU time on/off": round(on["step_cpu_s"] / off["step_cpu_s"], 2),
                       "wall on/off": round(on["step_s"] / off["step_s"], 2)})  # fmt: skip
@@ -190,6 +201,10 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         "",
         markdown(pd.DataFrame(ratio)),
         "",
+        "`ablated values` is computed, not measured: the corrupted activations cached at the "
+        "gated hooks for the task (here one batch); each step also indexes a copy for its "
+        "batch, so about twice this is held whether or not blocks are checkpointed.",
+        "",
         "All points (estimate = `checkpoint.activation_bytes`, what 'auto' compares with "
         "`checkpoint_budget_bytes`):",
         "",
@@ -198,12 +213,17 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         f"## Largest batch per sequence length under {args.cap_gib:g} GiB (model included)",
         "",
         "Extrapolated from a least-squares fit extra = a + b*tokens + c*tokens*seq over the "
-        f"points {', '.join(f'{b}x{s}' for b, s in MEASURED)}; the fit predicted "
-        + "; ".join(
-            f"{r['predicted_gib']} GiB at {r['batch']}x{r['seq']} with checkpoint "
-            f"{'on' if r['checkpoint'] else 'off'} (measured {r['extra_gib']})"
-            for r in checks
-        )  # fmt: skip
+        f"points {', '.join(f'{b}x{s}' for b, s in MEASURED)}; "
+        + (
+            "the fit predicted "
+            + "; ".join(
+                f"{r['predicted_gib']} GiB at {r['batch']}x{r['seq']} with checkpoint "
+                f"{'on' if r['checkpoint'] else 'off'} (measured {r['extra_gib']})"
+                for r in checks
+            )
+            if checks
+            else "no point was measured to check the fit"
+        )
         + ". Points beyond the measured range were not run (the machine is shared).",
         "",
         markdown(fits),
