@@ -68,19 +68,33 @@ def mixing_hooks(
     return [(name, _mix_hook(mask, ablated.get(name))) for name, mask in masks.items()]
 
 
+class _AllCaptured(Exception):
+    """Ends a capturing forward pass once every requested activation is stored."""
+
+
 def capture(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """Run `model` without gradient and return the activations at `names`."""
+    """Run `model` without gradient and return the activations at `names`.
+
+    The pass stops at the last requested hook, so the later blocks and the full-vocabulary
+    logits (the largest tensor of a forward pass) are never computed.
+    """
     store: dict[str, Tensor] = {}
+    wanted = len(set(names))
 
     def saver(name: str) -> HookFn:
         def hook(x: Tensor, hook: Any) -> Tensor:
             store[name] = x.detach()
+            if len(store) == wanted:
+                raise _AllCaptured
             return x
 
         return hook
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, saver(n)) for n in names]):
-        model(tokens)
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=[(n, saver(n)) for n in names]):
+            model(tokens)
+    except _AllCaptured:
+        pass
     return store
 
 

@@ -23,6 +23,7 @@ from .ablation import (
     mixing_hooks,
     site_masks,
 )
+from .checkpoint import CheckpointMode, blocks_to_checkpoint, check_checkpoint, checkpointed_blocks
 from .circuit import Circuit
 from .gates import GateSet, HardConcrete
 from .objectives import (
@@ -71,6 +72,11 @@ class PruneConfig:
     The history stays on the model's device and is read back every `log_every` steps (one
     host-device synchronisation per read; a non-finite loss is reported then, naming its
     step). Corrupted activations are cached when they fit in `cache_bytes`, else recomputed.
+
+    `checkpoint` recomputes blocks in backward instead of keeping their activations
+    (`tl_nodeprune.checkpoint`): True (every block), False, or "auto" (the fewest blocks that
+    bring a step's estimated activation memory under `checkpoint_budget_bytes`); the gradients
+    are the same either way.
     """
 
     steps: int = 300
@@ -91,6 +97,8 @@ class PruneConfig:
     progress: bool = True
     log_every: int = 25
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    checkpoint: CheckpointMode = "auto"
+    checkpoint_budget_bytes: int = 2**31
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -122,6 +130,7 @@ class PruneConfig:
         if not 0 < self.threshold < 1:
             raise ValueError(f"PruneConfig.threshold must be in (0, 1), got {self.threshold}.")
         check_ablation(self.ablation)
+        check_checkpoint(self.checkpoint, self.checkpoint_budget_bytes)
         check_objective(self.objective)
         if self.granularities is not None:
             if isinstance(self.granularities, str):
@@ -223,13 +232,19 @@ class NodePruner:
                 batch = task.take(idx, seq, rows[step] if rows else None)
                 sampled = gates.sample(gen)
                 hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
-                logits = forward_answers(model, batch.clean, batch.answer_pos, hooks, fast)
-                faith = faithfulness_loss(cfg.objective, logits, full[idx.to(full.device)], batch)
-                l0 = gates.expected_l0()
-                terms = {"faithfulness": faith, **sparsity.terms(l0, step)}
-                loss = sum(terms.values())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                ckpt = blocks_to_checkpoint(cfg.checkpoint, cfg.checkpoint_budget_bytes, self.shape,
+                                            *batch.clean.shape, full.element_size())  # fmt: skip
+                # Backward inside the hooks: checkpointed blocks rerun their gated forward there.
+                with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, ckpt):
+                    logits = forward_answers(model, batch.clean, batch.answer_pos, fast=fast)
+                    faith = faithfulness_loss(
+                        cfg.objective, logits, full[idx.to(full.device)], batch
+                    )
+                    l0 = gates.expected_l0()
+                    terms = {"faithfulness": faith, **sparsity.terms(l0, step)}
+                    loss = sum(terms.values())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 optimizer.step()
                 sparsity.ascend(l0, step)
                 history.add(step, loss, terms, l0, gates, sparsity)

@@ -1,0 +1,137 @@
+"""Per-block activation checkpointing: keep each block's input, recompute its insides in backward.
+
+Most of a pruning step's memory is the model's own activations saved for backward. Under
+`checkpointed_blocks`, every transformer block runs through
+`torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`: its forward keeps only what it
+was called with, and backward runs the block again to get the rest. The recomputation calls the
+block's hook points again, so backward must run while the same `model.hooks(...)` are attached:
+the gates, ablated values and random draws (gates are sampled before the forward) are then the
+same in both passes. Outside the hooks, the recomputed block saves fewer tensors than the first
+pass did and torch raises `CheckpointError`; `NodePruner` therefore runs forward and backward in
+one hooks context.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .sites import ModelShape
+
+CheckpointMode = Union[bool, Literal["auto"]]  # noqa: UP007 (runtime alias)
+
+
+def check_checkpoint(mode: object, budget_bytes: object) -> None:
+    """Raise a ValueError naming the field when a checkpoint setting is invalid."""
+    if mode not in (True, False, "auto") or not isinstance(mode, (bool, str)):
+        raise ValueError(f"PruneConfig.checkpoint must be False, True or 'auto', got {mode!r}.")
+    if not (isinstance(budget_bytes, int) and budget_bytes > 0):
+        raise ValueError(
+            f"PruneConfig.checkpoint_budget_bytes must be a positive int, got {budget_bytes!r}."
+        )
+
+
+def activation_bytes(
+    shape: ModelShape, batch: int, seq: int, element_size: int = 4, gated: bool = True
+) -> int:
+    """Estimated bytes a forward pass keeps for backward without checkpointing.
+
+    Per layer and token: about 8 residual-width tensors (two layer norms' inputs and outputs,
+    the block outputs and the residual sums), q, k, v and z and the gated z (5 x heads x d_head),
+    attention scores and pattern (2 x heads x seq) and 3 x d_mlp for the pre-activation, the
+    activation and the gated activation. On a random GPT-2-small-shaped bridge with all four
+    granularities gated, a forward saved 0.44 GiB at batch x seq 8x64 (estimate 0.47) and
+    2.12 GiB at 8x256 (estimate 2.32); the peak of a whole step is about twice that.
+    """
+    d_model = shape.d_model or shape.n_heads * shape.d_head
+    per_token = (
+        8 * d_model
+        + (5 if gated else 4) * shape.n_heads * shape.d_head
+        + 2 * shape.n_heads * seq
+        + (3 if gated else 2) * shape.d_mlp
+    )
+    return int(shape.n_layers * batch * seq * per_token * element_size)
+
+
+def blocks_to_checkpoint(
+    mode: CheckpointMode,
+    budget_bytes: int,
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    element_size: int = 4,
+) -> int:
+    """How many blocks to checkpoint in a step: all, none, or under 'auto' the fewest that fit.
+
+    Each checkpointed block trades its activations for its input (one residual-width tensor)
+    and one extra forward in backward, so 'auto' pays recomputation only where the estimate
+    would exceed `budget_bytes`; when no number fits, it checkpoints every block.
+    """
+    if mode != "auto":
+        return shape.n_layers if mode else 0
+    per_layer = activation_bytes(shape, batch, seq, element_size) / shape.n_layers
+    block_input = batch * seq * (shape.d_model or shape.n_heads * shape.d_head) * element_size
+    for k in range(shape.n_layers + 1):
+        # k blocks keep only their inputs; backward recomputes one of them at a time.
+        kept = (shape.n_layers - k) * per_layer + k * block_input + (per_layer if k else 0)
+        if kept <= budget_bytes:
+            return k
+    return shape.n_layers
+
+
+def model_blocks(model: Any) -> list[nn.Module]:
+    """The transformer blocks of a HookedTransformer or a TransformerBridge, in order."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no `blocks`; cannot checkpoint it.")
+    return list(blocks)
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` under non-reentrant checkpointing, or plain when no gradient is recorded."""
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+@contextmanager
+def checkpointed_blocks(model: Any, count: int | None = None) -> Iterator[None]:
+    """Checkpoint the first `count` blocks of `model` (all by default) inside the context.
+
+    Each such block gets an instance-level `forward` that calls the class's forward through
+    `checkpoint`; leaving the context (normally or by an exception) deletes it again. Run the
+    backward pass inside both this context and the `model.hooks(...)` of the forward.
+    """
+    blocks = model_blocks(model)
+    wrapped: list[nn.Module] = []
+    try:
+        for block in blocks[: len(blocks) if count is None else count]:
+            if "forward" in vars(block):
+                raise RuntimeError(
+                    f"{type(block).__name__} already has an instance-level forward; "
+                    "checkpointed_blocks does not nest."
+                )
+            # object.__setattr__: a bridge component forwards attribute writes to the module
+            # it wraps, which would put the wrapper one level too deep.
+            object.__setattr__(block, "forward", _checkpointed(block.forward))
+            wrapped.append(block)
+        yield
+    finally:
+        for block in wrapped:
+            object.__delattr__(block, "forward")
+
+
+def wrapped_blocks(model: Any) -> int:
+    """How many blocks of `model` currently carry a checkpointing forward (0 when restored)."""
+    return sum("forward" in vars(block) for block in model_blocks(model))
