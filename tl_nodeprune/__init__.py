@@ -1,10 +1,12 @@
 """tl_nodeprune: find circuits by learning node masks at several granularities at once."""
 
-from . import formats, planted, references, tasks
+from . import formats, metrics, planted, references, tasks
 from .circuit import Circuit
+from .compare import auc, compare, compare_circuits, roc, roc_auc
 from .evaluate import Evaluation, Evaluator, evaluate
 from .formats import read_acdc, read_edge_pruning, read_mib, to_mib, write_mib
 from .gates import HardConcrete
+from .metrics import cmd, completeness, cpr, faithfulness_curve, minimality
 from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
 from .sites import GRANULARITIES, ModelShape
@@ -21,14 +23,25 @@ __all__ = [
     "PromptTask",
     "PruneConfig",
     "PruneResult",
+    "auc",
+    "cmd",
+    "compare",
+    "compare_circuits",
+    "completeness",
+    "cpr",
     "evaluate",
+    "faithfulness_curve",
     "formats",
     "load_model",
+    "metrics",
+    "minimality",
     "planted",
     "read_acdc",
     "read_edge_pruning",
     "read_mib",
     "references",
+    "roc",
+    "roc_auc",
     "tasks",
     "to_mib",
     "write_mib",
