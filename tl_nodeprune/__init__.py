@@ -10,6 +10,7 @@ from .metrics import cmd, completeness, cpr, faithfulness_curve, minimality
 from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
 from .sites import GRANULARITIES, ModelShape
+from .sweep import granularity_sweep, sweep
 from .tasks import PromptTask
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "evaluate",
     "faithfulness_curve",
     "formats",
+    "granularity_sweep",
     "load_model",
     "metrics",
     "minimality",
@@ -42,6 +44,7 @@ __all__ = [
     "references",
     "roc",
     "roc_auc",
+    "sweep",
     "tasks",
     "to_mib",
     "write_mib",
