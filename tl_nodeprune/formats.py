@@ -215,15 +215,16 @@ def read_mib(path: str | Path, model_or_shape: Any = None) -> Circuit:
 
 
 # -- edge pruning (Bhaskar et al. 2024) -------------------------------------------------------
-_EP_WRITER = re.compile(r"^(tok_embeds|pos_embeds|a\d+\.h\d+|m\d+)$")
+_EP_WRITER = re.compile(r"^(tok_embeds|pos_embeds|embeds|a\d+\.h\d+|m\d+)$")
 _EP_READER = re.compile(r"^(resid_post|m\d+|(a\d+\.h\d+)\.([qkv]))$")
 
 
 def read_edge_pruning(path: str | Path, model_or_shape: Any) -> Circuit:
     """Read the `edges.json` that edge pruning writes (`get_edges()`: [writer, reader] pairs).
 
-    Its writers are `tok_embeds`, `pos_embeds` (both our `input`), `a3.h5` and `m3`; its
-    readers are `a3.h5.q|k|v`, `m3` and `resid_post` (our `logits`). The file names no model
+    Its writers are `tok_embeds`, `pos_embeds` (GPT-2) or `embeds` (Llama), all our `input`,
+    `a3.h5` and `m3`; its readers are `a3.h5.q|k|v`, `m3` and `resid_post` (our `logits`). On
+    Llama models k/v readers number the key/value heads, as ours do. The file names no model
     size, so the model (or its shape) is required.
     """
     shape = _shape_of(model_or_shape)
@@ -240,7 +241,7 @@ def read_edge_pruning(path: str | Path, model_or_shape: Any) -> Circuit:
                 f"{path}: entry {i} ({pair!r}) is not a [writer, reader] pair such as "
                 "['a0.h1', 'a2.h3.q'] or ['m5', 'resid_post']."
             )
-        writer = "input" if pair[0] in ("tok_embeds", "pos_embeds") else pair[0]
+        writer = "input" if pair[0].endswith("embeds") else pair[0]
         if r.group(2):
             reader = f"{r.group(2)}<{r.group(3)}>"
         else:

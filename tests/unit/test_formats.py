@@ -44,6 +44,19 @@ def test_edge_pruning_fixture_reads_to_hand_checked_nodes():
     assert c.heads == [(0, 0), (1, 1)] and c.mlp_blocks == [0]
 
 
+def test_edge_pruning_llama_edges_number_key_value_heads(tmp_path):
+    gqa = tnp.ModelShape("gqa", n_layers=2, n_heads=4, d_head=2, d_mlp=8, d_vocab=16, d_model=8,
+                         n_key_value_heads=2)  # fmt: skip
+    path = tmp_path / "edges.json"
+    path.write_text('[["embeds", "a0.h3.q"], ["a0.h3", "a1.h1.k"], ["a0.h3", "resid_post"]]')
+    c = tnp.read_edge_pruning(path, gqa)
+    assert set(c.edges) == {"input->a0.h3<q>", "a0.h3->a1.h1<k>", "a0.h3->logits"}
+    assert c.heads == [(0, 3)]  # a shared key head induces no query head
+    path.write_text('[["a0.h3", "a1.h2.k"]]')  # only 2 key/value heads
+    with pytest.raises(FormatError, match="entry 0"):
+        tnp.read_edge_pruning(path, gqa)
+
+
 def test_acdc_fixture_reads_edges_skips_internal_ones_and_keeps_effect_sizes():
     c = tnp.read_acdc(FIXTURES / "acdc_tiny.json", TINY)
     assert set(c.edges) == {"a1.h0->logits", "m0->a1.h0<q>", "input->m0", "a0.h1->a1.h1<v>"}
