@@ -20,7 +20,7 @@ from .ablation import (
 )
 from .circuit import Circuit
 from .objectives import answer_logits, kl_divergence
-from .sites import check_sites, frozen, model_device
+from .sites import ModelShape, check_sites, frozen, model_device
 from .tasks.base import PromptTask
 
 
@@ -64,6 +64,75 @@ def circuit_logits(
     )
 
 
+class Evaluator:
+    """Scores many circuits on one task from one cache: full logits, empty logits, ablations.
+
+    Comparisons and sweeps evaluate dozens of circuits; the corrupted (or mean) activations
+    and the full and empty models' logits are the same for all of them, so they are made once.
+    `granularities` are the ones whose hooks are cached (default: every one the model has).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        task: PromptTask,
+        ablation: AblationKind = "corrupted",
+        batch_size: int = 32,
+        granularities: tuple[str, ...] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.model, self.task, self.kind, self.batch_size = model, task, ablation, batch_size
+        self.shape = ModelShape.from_model(model)
+        task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
+        grans = self.shape.resolve(granularities)
+        ones = {g: torch.ones(self.shape.units(g)) for g in {*grans, *self.shape.blocks()}}
+        self.names = sorted(site_masks(self.shape, ones))
+        with frozen(model):
+            check_sites(
+                model,
+                self.shape,
+                tuple(sorted({*grans, *self.shape.blocks()})),
+                lambda hooks: capture(model, task.clean[:1, :1].to(model_device(model)), hooks),
+            )
+            self.ablation = Ablation(model, task, self.names, ablation, batch_size, cache_bytes)
+            self.full = answer_logits(model, task, batch_size=batch_size)
+            self.empty = circuit_logits(
+                model, Circuit.empty(self.shape), task, self.ablation, batch_size
+            )
+
+    def __call__(self, circuit: Circuit) -> Evaluation:
+        """Evaluate one circuit against the cached full and empty model."""
+        circuit.check_model(self.model)
+        for g, t in circuit.gates.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"The circuit's {g!r} gates hold NaN or infinite values; a gate must be a "
+                    "number in [0, 1] (retrain, or rebuild the circuit with Circuit.from_nodes)."
+                )
+        missing = set(site_masks(circuit.shape, circuit.gates)) - set(self.names)
+        if missing:
+            raise ValueError(
+                f"The circuit gates hooks {sorted(missing)} this Evaluator did not cache; "
+                "pass granularities that include the circuit's."
+            )
+        with frozen(self.model):
+            kept = circuit_logits(self.model, circuit, self.task, self.ablation, self.batch_size)
+        m_full, m_circ, m_empty = (
+            self.task.score(x).mean().item() for x in (self.full, kept, self.empty)
+        )
+        denom = m_full - m_empty
+        return Evaluation(
+            metric_full=m_full,
+            metric_circuit=m_circ,
+            metric_empty=m_empty,
+            faithfulness=(m_circ - m_empty) / denom if abs(denom) > 1e-12 else math.nan,
+            kl=kl_divergence(self.full, kept).item(),
+            kl_empty=kl_divergence(self.full, self.empty).item(),
+            n_prompts=len(self.task),
+            ablation=self.kind,
+        )
+
+
 def evaluate(
     model: Any,
     circuit: Circuit,
@@ -79,41 +148,10 @@ def evaluate(
     """
     ablation = ablation or circuit.meta.get("ablation", "corrupted")
     circuit.check_model(model)
-    task.check_vocab(circuit.shape.d_vocab, circuit.shape.vocab_out)
-    for g, t in circuit.gates.items():
-        if not torch.isfinite(t).all():
-            raise ValueError(
-                f"The circuit's {g!r} gates hold NaN or infinite values; a gate must be a "
-                "number in [0, 1] (retrain, or rebuild the circuit with Circuit.from_nodes)."
-            )
-    empty = Circuit.empty(circuit.shape)
-    with frozen(model):
-        check_sites(
-            model,
-            circuit.shape,
-            (*circuit.shape.blocks(), *circuit.granularities),
-            lambda hooks: capture(model, task.clean[:1, :1].to(model_device(model)), hooks),
-        )
-        names = sorted(
-            set(site_masks(circuit.shape, circuit.gates))
-            | set(site_masks(circuit.shape, empty.gates))
-        )
-        abl = Ablation(model, task, names, ablation, batch_size, cache_bytes)
-        full = answer_logits(model, task, batch_size=batch_size)
-        kept = circuit_logits(model, circuit, task, abl, batch_size)
-        none = circuit_logits(model, empty, task, abl, batch_size)
-    m_full, m_circ, m_empty = (task.score(x).mean().item() for x in (full, kept, none))
-    denom = m_full - m_empty
-    return Evaluation(
-        metric_full=m_full,
-        metric_circuit=m_circ,
-        metric_empty=m_empty,
-        faithfulness=(m_circ - m_empty) / denom if abs(denom) > 1e-12 else math.nan,
-        kl=kl_divergence(full, kept).item(),
-        kl_empty=kl_divergence(full, none).item(),
-        n_prompts=len(task),
-        ablation=ablation,
+    evaluator = Evaluator(
+        model, task, ablation, batch_size, circuit.granularities or None, cache_bytes
     )
+    return evaluator(circuit)
 
 
-__all__ = ["Evaluation", "circuit_logits", "evaluate"]
+__all__ = ["Evaluation", "Evaluator", "circuit_logits", "evaluate"]
