@@ -1,6 +1,6 @@
 """tl_nodeprune: find circuits by learning node masks at several granularities at once."""
 
-from . import planted, tasks
+from . import planted, plot, tasks
 from .circuit import Circuit
 from .evaluate import Evaluation, evaluate
 from .gates import HardConcrete
@@ -22,5 +22,6 @@ __all__ = [
     "evaluate",
     "load_model",
     "planted",
+    "plot",
     "tasks",
 ]
