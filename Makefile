@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 discover: install
-	$(VENV)/bin/tl-nodeprune discover --model smollm2-135m --task ioi --out out/ioi_circuit.json
+	$(VENV)/bin/tl-nodeprune discover --model smollm2-135m --task ioi --out out/ioi_circuit.json --report
 
 test: install
 	$(VENV)/bin/ruff check tl_nodeprune tests bench

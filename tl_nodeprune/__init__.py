@@ -6,6 +6,7 @@ from .evaluate import Evaluation, evaluate
 from .gates import HardConcrete
 from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
+from .report import report
 from .sites import GRANULARITIES, ModelShape
 from .tasks import PromptTask
 
@@ -23,5 +24,6 @@ __all__ = [
     "load_model",
     "planted",
     "plot",
+    "report",
     "tasks",
 ]
