@@ -85,7 +85,7 @@ def report(
     body += [f"<h2>{html.escape(_title(f))}</h2>{_figure_html(f)}" for f in figures]
     body.append("<h2>Kept heads</h2>")
     body.append(f"<p>{html.escape(', '.join(f'a{la}.h{h}' for la, h in circuit.heads) or '-')}</p>")
-    body.append(_table("Settings", _pairs(all_settings), {}))
+    body.append(_table("Settings", _pairs(all_settings), {"value": _number}))
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(name)}</title><style>{_STYLE}</style>"
@@ -111,7 +111,8 @@ def _number(value: Any) -> str:
 
 
 def _pairs(mapping: Mapping[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame({"name": list(mapping), "value": list(mapping.values())})
+    values = pd.Series(list(mapping.values()), dtype=object)  # keep ints, bools and str as given
+    return pd.DataFrame({"name": list(mapping), "value": values})
 
 
 def _table(caption: str, frame: pd.DataFrame, formats: Mapping[str, Any]) -> str:
@@ -138,7 +139,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, name + "."))
         elif isinstance(value, (list, tuple)):
             out[name] = ", ".join(map(str, value))
-        elif value is None or isinstance(value, (bool, int, float, str)):
+        elif value is None:
+            out[name] = "default"
+        elif isinstance(value, (bool, int, float, str)):
             out[name] = value
         else:
             out[name] = json.dumps(value, default=str)

@@ -80,7 +80,7 @@ def heads(
         title=title or f"Heads: {int(kept.sum())}/{kept.size} kept",
         height=max(320, 22 * n_layers + 120),
         width=max(420, 40 * n_heads + 260),
-        legend={"orientation": "h", "y": -0.15},
+        legend={"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"},
     )
     return fig
 
@@ -144,7 +144,7 @@ def neurons(circuit: Circuit, title: str | None = None) -> go.Figure:
     fig.update_layout(
         title=title or f"Neurons: {int(kept.sum())}/{kept.size} kept",
         height=520,
-        legend={"orientation": "h", "y": -0.15},
+        legend={"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"},
     )
     return fig
 
