@@ -90,9 +90,10 @@ def test_graph_draws_kept_nodes_in_layer_columns_with_implied_connections():
     assert sorted(x for t in heads for x in t.x) == [0, 2, 2]  # layer l's heads in column 2l
     mlp = by_name["MLP blocks"]
     assert list(mlp.x) == [3, 5] and "2/6 neurons" in mlp.hovertext[0]
+    assert max(mlp.y) < min(y for t in heads for y in t.y)  # MLPs on their own lane, below
     # columns: input | a0.h0 | a1.h2 a1.h3 | m1 | m2 | logits -> 1 + 2 + 2 + 1 + 1 connections
     assert by_name["connections (7)"].x.count(None) == 7
-    assert tuple(fig.layout.xaxis.range) == (-1.5, 6.5)
+    assert tuple(fig.layout.xaxis.range) == (-1.5, 7.5)
 
 
 def test_graph_draws_the_edges_of_an_edge_circuit():

@@ -166,20 +166,23 @@ def graph(
     nodes: dict[str, tuple[float, float]] = {"input": (-1.0, 0.0)}
     columns: list[list[str]] = [["input"]]
     head_rows, mlp_rows, block_rows = [], [], []
-    for layer in range(shape.n_layers):
-        if heads_gated:
-            names = [
-                f"a{layer}.h{h}" for h in circuit.kept("head")[layer].nonzero().flatten().tolist()
-            ]
-        else:
-            names = [f"a{layer}"] if bool(circuit.kept("attn")[layer]) else []
+    kept_heads, kept_attn = circuit.kept("head"), circuit.kept("attn")
+    stacks = [
+        [f"a{layer}.h{h}" for h in kept_heads[layer].nonzero().flatten().tolist()]
+        if heads_gated
+        else [f"a{layer}"] * bool(kept_attn[layer])
+        for layer in range(shape.n_layers)
+    ]
+    tallest = max(1, *(len(names) for names in stacks))
+    mlp_lane = -(tallest - 1) / 2 - 1  # MLPs get a lane under the tallest stack of heads
+    for layer, names in enumerate(stacks):
         for i, name in enumerate(names):
             nodes[name] = (2.0 * layer, (len(names) - 1) / 2 - i)
             (head_rows if heads_gated else block_rows).append((name, layer))
         columns.append(names)
         mlp = [f"m{layer}"] if shape.has("mlp") and bool(circuit.kept("mlp")[layer]) else []
         for name in mlp:
-            nodes[name] = (2.0 * layer + 1, 0.0)
+            nodes[name] = (2.0 * layer + 1, mlp_lane)
             mlp_rows.append((name, layer))
         columns.append(mlp)
     nodes["logits"] = (2.0 * shape.n_layers, 0.0)
@@ -207,7 +210,9 @@ def graph(
             for name, layer in mlp_rows
         ]
         fig.add_trace(
-            _nodes_trace([n for n, _ in mlp_rows], nodes, "diamond", "#2ca02c", "MLP blocks", text)
+            _nodes_trace(
+                [n for n, _ in mlp_rows], nodes, "diamond", "#2ca02c", "MLP blocks", text, "bottom"
+            )
         )
     if block_rows:
         names = [n for n, _ in block_rows]
@@ -228,18 +233,19 @@ def graph(
             _nodes_trace(names, nodes, "circle", colours[cls], f"{cls} ({len(names)})",
                          [texts[n] for n in names])
         )  # fmt: skip
-    height = max((len(c) for c in columns), default=1)
+    top = (tallest - 1) / 2 + 0.6
     fig.update_xaxes(
-        range=[-1.5, 2 * shape.n_layers + 0.5],
+        range=[-1.5, 2 * shape.n_layers + 1.5],
         tickvals=[-1, *[2 * layer for layer in range(shape.n_layers)], 2 * shape.n_layers],
         ticktext=["in", *[str(layer) for layer in range(shape.n_layers)], "out"],
         title="layer (attention, then MLP)",
         showgrid=False,
     )
-    fig.update_yaxes(visible=False, range=[-height / 2 - 0.5, height / 2 + 0.5])
+    fig.update_yaxes(visible=False, range=[mlp_lane - 0.8, top])
     fig.update_layout(
         title=title or f"Circuit graph: {len(nodes) - 2} nodes, {len(pairs)} connections",
-        height=max(360, 34 * height + 160),
+        height=max(380, 48 * (tallest + 2) + 160),
+        width=max(700, 45 * shape.n_layers + 300),
         plot_bgcolor="white",
     )
     return fig
@@ -252,13 +258,14 @@ def _nodes_trace(
     colour: str,
     label: str,
     text: list[str] | None = None,
+    label_at: str = "right",
 ) -> go.Scatter:
     return go.Scatter(
         x=[nodes[n][0] for n in names],
         y=[nodes[n][1] for n in names],
         mode="markers+text",
         text=[n.split(".")[-1] if "." in n else n for n in names],
-        textposition="middle right",
+        textposition="middle right" if label_at == "right" else "bottom center",
         textfont={"size": 9},
         hovertext=text or names,
         hoverinfo="text",
