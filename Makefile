@@ -19,14 +19,22 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 discover: install
-	$(VENV)/bin/tl-nodeprune discover --model smollm2-135m --task ioi --out out/ioi_circuit.json
+	$(VENV)/bin/tl-nodeprune discover --model smollm2-135m --task ioi --out out/ioi_circuit.json --report
 
 test: install
 	$(VENV)/bin/ruff check tl_nodeprune tests bench
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on any broken link.
+docs: install
+	$(VENV)/bin/mkdocs build --strict
+
+# Re-execute the notebooks in place (SmolLM2, offline; a few minutes each on 2 cores).
+notebooks: install
+	$(VENV)/bin/python notebooks/execute.py
+
 # The same suite on TransformerLens 3.9, where HookedTransformer still exists.
 test-tl3:
 	$(MAKE) test VENV=.venv-tl3 TL="transformer-lens==3.9.*" PYTEST_ARGS='-m "not slow"'
 
-.PHONY: install discover test test-tl3
+.PHONY: install discover test test-tl3 docs notebooks

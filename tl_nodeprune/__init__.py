@@ -1,6 +1,6 @@
 """tl_nodeprune: find circuits by learning node masks at several granularities at once."""
 
-from . import formats, metrics, planted, references, tasks
+from . import formats, metrics, planted, plot, references, tasks
 from .circuit import Circuit
 from .compare import auc, compare, compare_circuits, roc, roc_auc
 from .evaluate import Evaluation, Evaluator, evaluate
@@ -9,6 +9,7 @@ from .gates import HardConcrete
 from .metrics import cmd, completeness, cpr, faithfulness_curve, minimality
 from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
+from .report import report
 from .sites import GRANULARITIES, ModelShape
 from .sweep import granularity_sweep, sweep
 from .tasks import PromptTask
@@ -38,10 +39,12 @@ __all__ = [
     "metrics",
     "minimality",
     "planted",
+    "plot",
     "read_acdc",
     "read_edge_pruning",
     "read_mib",
     "references",
+    "report",
     "roc",
     "roc_auc",
     "sweep",

@@ -82,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     _common(d)
     d.add_argument("--ablation", default="corrupted", choices=ABLATIONS)
     d.add_argument("--out", type=Path, default=Path("circuit.json"))
+    d.add_argument(
+        "--report",
+        nargs="?",
+        const=True,
+        default=None,
+        type=Path,
+        metavar="HTML",
+        help="also write a self-contained HTML report (default: --out with .html)",
+    )
     d.add_argument("--steps", type=POSITIVE, default=PruneConfig.steps)
     d.add_argument("--lr", type=_number(float, 0, low_open=True), default=PruneConfig.lr)
     d.add_argument("--batch-size", type=POSITIVE, default=PruneConfig.batch_size)
@@ -185,7 +194,18 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
     print(_summary(result.circuit))
     print(f"held-out ({len(held_out)} prompts): {evaluation}")
     print(f"wrote {args.out}")
+    if args.report:
+        from .report import report
+
+        path = args.out.with_suffix(".html") if args.report is True else args.report
+        report(result, path, evaluation=evaluation, settings={"cli": _cli_settings(args)})
+        print(f"wrote {path}")
     return {"circuit": result.circuit, "evaluation": evaluation}
+
+
+def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's own arguments, for the report's settings table."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
