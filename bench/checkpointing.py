@@ -236,7 +236,14 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         "",
         "Command: `PYTHONPATH=. .venv/bin/python bench/checkpointing.py "
         f"--steps {args.steps} --cap-gib {args.cap_gib:g} --flavour {args.flavour} "
-        f"--check {args.check}`",
+        f"--check {args.check}`"
+        + (
+            " (here each point was run alone with `--point batch,seq,checkpoint --steps "
+            f"{args.steps}`, the subprocess that command starts, and the rows were written with "
+            "`--assemble rows.jsonl`)"
+            if args.assemble
+            else ""
+        ),
         "",
         f"Random GPT-2-small-shaped model ({args.flavour}), fp32, CPU, one thread, "
         f"granularities {', '.join(GRANULARITIES)}; each point a fresh process. Extra = peak "
