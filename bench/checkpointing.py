@@ -238,7 +238,7 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         f"--steps {args.steps} --cap-gib {args.cap_gib:g} --flavour {args.flavour} "
         f"--check {args.check}`"
         + (
-            " (here each point was run alone with `--point batch,seq,checkpoint --steps "
+            " (here each point ran in its own process via `--point batch,seq,checkpoint --steps "
             f"{args.steps}`, the subprocess that command starts, and the rows were written with "
             "`--assemble rows.jsonl`)"
             if args.assemble
