@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--check", default="16,128", help="batch,seq measured against the fit")
     parser.add_argument("--saved", help="batch,seq: print the MiB autograd keeps, off and on")
     parser.add_argument("--assemble", help="write the report from rows saved as JSON lines")
+    parser.add_argument("--note", default="", help="a paragraph to add under the first table")
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()
     if args.point:
@@ -256,6 +257,8 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         "`ablated values` is computed, not measured: the corrupted activations cached at the "
         "gated hooks for the task (here one batch); each step also indexes a copy for its "
         "batch, so about twice this is held whether or not blocks are checkpointed.",
+        "",
+        args.note,
         "",
         "All points (estimate = `checkpoint.activation_bytes`, what 'auto' compares with "
         "`checkpoint_budget_bytes`):",
