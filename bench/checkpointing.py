@@ -82,6 +82,46 @@ def point(batch: int, seq: int, checkpoint: bool, steps: int, flavour: str) -> d
     }
 
 
+def saved_for_backward(batch: int, seq: int, flavour: str) -> dict:
+    """MiB that autograd keeps after one gated forward, checkpoint off and on (no allocator)."""
+    import torch
+
+    from tl_nodeprune.ablation import capture, mixing_hooks, site_masks
+    from tl_nodeprune.checkpoint import checkpointed_blocks
+    from tl_nodeprune.gates import GateSet, HardConcrete
+    from tl_nodeprune.objectives import forward_answers
+    from tl_nodeprune.planted import tiny_model
+    from tl_nodeprune.sites import ModelShape, frozen
+
+    torch.set_num_threads(1)
+    model = tiny_model(flavour, **GPT2_SMALL)
+    shape = ModelShape.from_model(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tokens = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for count in (0, None):
+        saved: dict[int, int] = {}  # storage -> bytes; weights and the ablated cache excluded
+
+        def pack(t, saved=saved):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with frozen(model):
+            gates = GateSet(shape, GRANULARITIES, 3.0, HardConcrete(), "cpu")
+            masks = site_masks(shape, gates.sample(torch.Generator().manual_seed(0)))
+            ablated = capture(model, tokens, list(masks))
+            cached = {v.untyped_storage().data_ptr() for v in ablated.values()}
+            with model.hooks(fwd_hooks=mixing_hooks(masks, ablated)):
+                with checkpointed_blocks(model, count):
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        forward_answers(model, tokens, torch.full((batch,), seq - 1))
+        mib = sum(v for k, v in saved.items() if k not in cached) / 2**20
+        out["checkpoint on" if count is None else "checkpoint off"] = round(mib, 1)
+    return {"batch": batch, "seq": seq, "saved_for_backward_mib": out}
+
+
 def run_point(batch: int, seq: int, checkpoint: bool, steps: int, flavour: str) -> dict:
     cmd = [sys.executable, __file__, "--point", f"{batch},{seq},{int(checkpoint)}",
            "--steps", str(steps), "--flavour", flavour]  # fmt: skip
@@ -120,12 +160,18 @@ def main() -> None:
     parser.add_argument("--flavour", default="bridge-native")
     parser.add_argument("--point", help="batch,seq,checkpoint: measure one point and print it")
     parser.add_argument("--check", default="16,128", help="batch,seq measured against the fit")
+    parser.add_argument("--saved", help="batch,seq: print the MiB autograd keeps, off and on")
     parser.add_argument("--assemble", help="write the report from rows saved as JSON lines")
+    parser.add_argument("--note", default="", help="a paragraph to add under the first table")
     parser.add_argument("--out", default="docs")
     args = parser.parse_args()
     if args.point:
         batch, seq, ckpt = (int(v) for v in args.point.split(","))
         print(json.dumps(point(batch, seq, bool(ckpt), args.steps, args.flavour)))
+        return
+    if args.saved:
+        batch, seq = (int(v) for v in args.saved.split(","))
+        print(json.dumps(saved_for_backward(batch, seq, args.flavour)))
         return
     check = tuple(int(v) for v in args.check.split(","))
     if args.assemble:  # rows measured earlier, one JSON object per line
@@ -191,7 +237,14 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         "",
         "Command: `PYTHONPATH=. .venv/bin/python bench/checkpointing.py "
         f"--steps {args.steps} --cap-gib {args.cap_gib:g} --flavour {args.flavour} "
-        f"--check {args.check}`",
+        f"--check {args.check}`"
+        + (
+            " (here each point ran in its own process via `--point batch,seq,checkpoint --steps "
+            f"{args.steps}`, the subprocess that command starts, and the rows were written with "
+            "`--assemble rows.jsonl`)"
+            if args.assemble
+            else ""
+        ),
         "",
         f"Random GPT-2-small-shaped model ({args.flavour}), fp32, CPU, one thread, "
         f"granularities {', '.join(GRANULARITIES)}; each point a fresh process. Extra = peak "
@@ -204,6 +257,8 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         "`ablated values` is computed, not measured: the corrupted activations cached at the "
         "gated hooks for the task (here one batch); each step also indexes a copy for its "
         "batch, so about twice this is held whether or not blocks are checkpointed.",
+        "",
+        args.note,
         "",
         "All points (estimate = `checkpoint.activation_bytes`, what 'auto' compares with "
         "`checkpoint_budget_bytes`):",

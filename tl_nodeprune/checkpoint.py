@@ -45,9 +45,10 @@ def activation_bytes(
     Per layer and token: about 8 residual-width tensors (two layer norms' inputs and outputs,
     the block outputs and the residual sums), q, k, v and z and the gated z (5 x heads x d_head),
     attention scores and pattern (2 x heads x seq) and 3 x d_mlp for the pre-activation, the
-    activation and the gated activation. On a random GPT-2-small-shaped bridge with all four
-    granularities gated, a forward saved 0.44 GiB at batch x seq 8x64 (estimate 0.47) and
-    2.12 GiB at 8x256 (estimate 2.32); the peak of a whole step is about twice that.
+    activation and the gated activation. On a random GPT-2-small-shaped bridge at 8x64 with all
+    four granularities gated it gives 486 MiB, where autograd kept 326 MiB besides weights and
+    the ablated cache (`bench/checkpointing.py --saved 8,64`) and a whole step's peak RSS rose
+    by 0.98 GiB (docs/checkpointing.md): between the two, so 'auto' errs towards checkpointing.
     """
     d_model = shape.d_model or shape.n_heads * shape.d_head
     per_token = (
