@@ -7,18 +7,21 @@ computes `x * m + a * (1 - m)` (the formula before issue 10), `sub` computes
 `a + m * (x - a)`, `lerp` computes the same as one `torch.lerp(a, x, m)` (what
 `tl_nodeprune.ablation` uses now). Each point runs in a new Python process and reports the
 growth of its peak resident set (ru_maxrss) over one gated step on a tiny random model with
-every head and neuron gated, corrupted values cached.
+every head and neuron gated, corrupted values cached, and (exactly, without allocator noise)
+the bytes of the distinct tensors autograd keeps for backward.
 
     python bench/mixing_memory.py --ablation-memory [--n-prompts 512]
 
 measures instead the peak growth while `Ablation(kind="mean")` is built (run it with
-PYTHONPATH at two checkouts to compare them).
+PYTHONPATH at two checkouts to compare them; before issue 10 it gathered every clean
+activation, now it sums batch by batch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -80,11 +83,20 @@ def one_point(args: argparse.Namespace) -> dict[str, float]:
         idx = torch.arange(args.batch)
         values = ablation.Ablation(model, task, list(masks)).values(idx, args.seq)
         hooks = [(n, _formula(args.formula)(m, values[n])) for n, m in masks.items()]
+        saved: dict[int, int] = {}  # storage address -> bytes, of tensors kept for backward
+        alive = {v.untyped_storage().data_ptr() for v in values.values() if v is not None}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # ablated values are alive anyway: skip them
+            if t.untyped_storage().data_ptr() not in alive:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
         before = _peak_mib()
-        logits = forward_answers(model, task.clean[: args.batch], task.answer_pos[: args.batch],
-                                 hooks)  # fmt: skip
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = forward_answers(model, task.clean[: args.batch],
+                                     task.answer_pos[: args.batch], hooks)  # fmt: skip
         logits.logsumexp(-1).sum().backward()
-    return {"peak_growth_mib": _peak_mib() - before}
+    return {"peak_growth_mib": _peak_mib() - before, "saved_mib": sum(saved.values()) / 2**20}
 
 
 def ablation_point(args: argparse.Namespace) -> dict[str, float]:
@@ -126,14 +138,19 @@ def main() -> None:
         if args.ablation_memory
         else {f: ["--formula", f] for f in FORMULAS}
     )
+    # Every allocation of 64 KiB or more is its own mapping, returned on free: the peak
+    # resident set then follows the live tensors instead of the allocator's caching.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for label, extra in points.items():
         runs = [
-            json.loads(subprocess.run(base + extra, check=True, capture_output=True,
+            json.loads(subprocess.run(base + extra, check=True, capture_output=True, env=env,
                                       text=True).stdout.strip().splitlines()[-1])  # fmt: skip
             for _ in range(args.repeats)
         ]
         peaks = [r["peak_growth_mib"] for r in runs]
-        print(f"{label:14s} peak growth MiB: median {median(peaks):.1f}  runs {peaks}")
+        kept = runs[0].get("saved_mib")
+        saved = "" if kept is None else f"; kept for backward {kept:.1f} MiB"
+        print(f"{label:14s} peak growth MiB: median {median(peaks):.1f}  runs {peaks}{saved}")
 
 
 if __name__ == "__main__":

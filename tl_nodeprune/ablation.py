@@ -45,8 +45,8 @@ def site_masks(shape: ModelShape, gates: dict[str, Tensor]) -> dict[str, Tensor]
 def _mix_hook(mask: Tensor, ablated: Tensor | None) -> HookFn:
     """a + g * (x - a) as one `torch.lerp`: exactly x when g == 1 and exactly a when g == 0.
 
-    One fused op keeps no intermediate products alive for backward, where
-    `x * g + a * (1 - g)` keeps two (see bench/mixing_memory.py). The gate and the ablated
+    One op instead of four; autograd keeps as much for backward as with
+    `x * g + a * (1 - g)` (bench/mixing_memory.py measures both). The gate and the ablated
     value are moved to the device and dtype of the hook's tensor, so models spread over
     several devices work.
     """
