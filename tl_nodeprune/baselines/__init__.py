@@ -1,5 +1,29 @@
-"""Baselines on the same models, tasks and evaluation as node pruning; each returns a `Circuit`."""
+"""Baselines on the same models, tasks and evaluation as node pruning; each returns a `Circuit`.
 
+Every entry of `BASELINES` is called as `method(model, task, **settings)`.
+"""
+
+from collections.abc import Callable
+
+from ..circuit import Circuit
+from .eap import eap, eap_scores
+from .edge_eval import evaluate_edges
+from .edge_pruning import EdgePruneConfig, edge_pruning
 from .graph import EdgeGraph, edge_forward
 
-__all__ = ["EdgeGraph", "edge_forward"]
+BASELINES: dict[str, Callable[..., Circuit]] = {
+    "edge_pruning": edge_pruning,
+    "eap": eap,
+    "eap_ig": lambda model, task, **kw: eap(model, task, **{"ig_steps": 5, **kw}),
+}
+
+__all__ = [
+    "BASELINES",
+    "EdgeGraph",
+    "EdgePruneConfig",
+    "eap",
+    "eap_scores",
+    "edge_forward",
+    "edge_pruning",
+    "evaluate_edges",
+]
