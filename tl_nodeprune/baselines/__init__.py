@@ -6,6 +6,7 @@ Every entry of `BASELINES` is called as `method(model, task, **settings)`.
 from collections.abc import Callable
 
 from ..circuit import Circuit
+from .activation_patching import activation_patching, node_effects
 from .eap import eap, eap_scores
 from .edge_eval import evaluate_edges
 from .edge_pruning import EdgePruneConfig, edge_pruning
@@ -13,6 +14,7 @@ from .graph import EdgeGraph, edge_forward
 
 BASELINES: dict[str, Callable[..., Circuit]] = {
     "edge_pruning": edge_pruning,
+    "activation_patching": activation_patching,
     "eap": eap,
     "eap_ig": lambda model, task, **kw: eap(model, task, **{"ig_steps": 5, **kw}),
 }
@@ -21,6 +23,8 @@ __all__ = [
     "BASELINES",
     "EdgeGraph",
     "EdgePruneConfig",
+    "activation_patching",
+    "node_effects",
     "eap",
     "eap_scores",
     "edge_forward",
