@@ -6,6 +6,7 @@ Every entry of `BASELINES` is called as `method(model, task, **settings)`.
 from collections.abc import Callable
 
 from ..circuit import Circuit
+from .acdc import acdc, estimate_forward_passes
 from .activation_patching import activation_patching, node_effects
 from .eap import eap, eap_scores
 from .edge_eval import evaluate_edges
@@ -15,6 +16,7 @@ from .graph import EdgeGraph, edge_forward
 BASELINES: dict[str, Callable[..., Circuit]] = {
     "edge_pruning": edge_pruning,
     "activation_patching": activation_patching,
+    "acdc": acdc,
     "eap": eap,
     "eap_ig": lambda model, task, **kw: eap(model, task, **{"ig_steps": 5, **kw}),
 }
@@ -23,6 +25,8 @@ __all__ = [
     "BASELINES",
     "EdgeGraph",
     "EdgePruneConfig",
+    "acdc",
+    "estimate_forward_passes",
     "activation_patching",
     "node_effects",
     "eap",
