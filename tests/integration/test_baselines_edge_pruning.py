@@ -1,14 +1,17 @@
 """Edge pruning recovers planted nodes, and leaves the model as it found it."""
 
+import importlib
+
 import pytest
 import torch
 
-from tl_nodeprune.baselines import edge_pruning as ep_module
 from tl_nodeprune.baselines.edge_eval import evaluate_edges
 from tl_nodeprune.baselines.edge_pruning import EdgePruneConfig, edge_pruning
 from tl_nodeprune.planted import planted_problem
 
 from ..conftest import hook_count
+
+ep_module = importlib.import_module("tl_nodeprune.baselines.edge_pruning")
 
 FAST = EdgePruneConfig(steps=80, warmup_steps=40, target_edge_sparsity=0.9, progress=False)
 

@@ -50,7 +50,7 @@ def eap_scores(
             with torch.no_grad():
                 forward_answers(model, tokens, part.answer_pos, clean.hooks())
             deltas = clean.chunks  # clean minus corrupted output of every writer
-            embed_delta = deltas[0][:, :, 0]
+            embed_delta = deltas[0][0]
             grads = {key: torch.zeros(len(idx), tokens.shape[1], n, graph.shape.d_model,
                                       device=device) for key, _, n, _ in graph.groups}  # fmt: skip
             for step in range(1, ig_steps + 1):
@@ -77,8 +77,8 @@ def _edge_products(graph: EdgeGraph, deltas: list[Tensor], grads: dict) -> Tenso
         for chunk in deltas:
             if start >= up:
                 break
-            scores.append(torch.einsum("bpwd,bprd->rw", chunk, grads[key]))
-            start += chunk.shape[2]
+            scores.append(torch.einsum("wbpd,bprd->rw", chunk, grads[key]))
+            start += chunk.shape[0]
         out.append(torch.cat(scores, dim=1)[:, :up].reshape(-1))
     return torch.cat(out)
 

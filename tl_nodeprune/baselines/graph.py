@@ -195,27 +195,39 @@ class EdgeRun:
         self.input_value = input_value
         self.probes = probes or {}
         self.w = weights or _Weights(model, graph.shape)
-        self.chunks: list[Tensor] = []  # (batch, pos, writers in chunk, d_model), writer order
+        self.chunks: list[Tensor] = []  # (writers in chunk, batch, pos, d_model), in order
 
     def _push(self, delta: Tensor) -> None:
-        start = sum(c.shape[2] for c in self.chunks)
+        """Store one chunk of writer deltas, (writers, batch, pos, d_model), writer-major.
+
+        Writer-major storage lets `reader_input` mix writers with one matrix product on a
+        view, so autograd keeps each delta once instead of a permuted copy per reader group.
+        """
+        start = sum(c.shape[0] for c in self.chunks)
         if self.writer_mask is not None:
-            m = self.writer_mask[start : start + delta.shape[2]].to(delta.dtype)
-            delta = delta * m[:, None]
-        self.chunks.append(delta)
+            m = self.writer_mask[start : start + delta.shape[0]].to(delta.dtype)
+            delta = delta * m[:, None, None, None]
+        self.chunks.append(delta.contiguous())
 
     def reader_input(self, key: ReaderKey, base: Tensor) -> Tensor:
         """`base` (the corrupted residual) plus mask-weighted writer deltas, per reader."""
         mask = self.masks[key]
-        out = base[:, :, None, :].expand(-1, -1, mask.shape[0], -1)
-        start = 0
+        n_readers, up = mask.shape
+        mixed, start = None, 0
         for chunk in self.chunks:
-            width = chunk.shape[2]
-            if start >= mask.shape[1]:
+            if start >= up:
                 break
+            width = chunk.shape[0]
             m = mask[:, start : start + width].to(chunk.dtype)  # (readers, writers in chunk)
-            out = out + torch.einsum("bpwd,rw->bprd", chunk, m)
+            part = m @ chunk.reshape(width, -1)  # (readers, batch * pos * d_model)
+            mixed = part if mixed is None else mixed + part
             start += width
+        b, p, d = base.shape
+        out = base[:, :, None, :]
+        if mixed is not None:
+            out = out + mixed.view(n_readers, b, p, d).permute(1, 2, 0, 3)  # (b, p, r, d)
+        else:
+            out = out.expand(-1, -1, n_readers, -1)
         if key in self.probes:
             out = out + self.probes[key]
         return out
@@ -236,7 +248,7 @@ class EdgeRun:
     def _input_hook(self, x: Tensor, hook: Any) -> Tensor:
         self.chunks = []
         value = x if self.input_value is None else self.input_value.to(x.dtype)
-        self._push((value - self.corrupted["blocks.0.hook_resid_pre"])[:, :, None])
+        self._push((value - self.corrupted["blocks.0.hook_resid_pre"])[None])
         return x
 
     def _qkv_hook(self, layer: int, kind: str) -> Callable[..., Tensor]:
@@ -256,8 +268,8 @@ class EdgeRun:
         z_name = f"blocks.{layer}.attn.hook_z"
 
         def hook(z: Tensor, hook: Any) -> Tensor:
-            out = torch.einsum("bphe,hed->bphd", z, w_o.to(z.dtype))
-            corr = torch.einsum("bphe,hed->bphd", self.corrupted[z_name].to(z.dtype), w_o)
+            out = torch.einsum("bphe,hed->hbpd", z, w_o.to(z.dtype))
+            corr = torch.einsum("bphe,hed->hbpd", self.corrupted[z_name].to(z.dtype), w_o)
             self._push(out - corr)
             return z
 
@@ -271,7 +283,7 @@ class EdgeRun:
         name = f"blocks.{layer}.hook_mlp_out"
 
         def hook(x: Tensor, hook: Any) -> Tensor:
-            self._push((x - self.corrupted[name])[:, :, None])
+            self._push((x - self.corrupted[name])[None])
             return x
 
         return hook
