@@ -25,14 +25,22 @@ from .graph import EdgeGraph, EdgeRun, _capture_names, _Weights
 
 
 def eap_scores(
-    model: Any, task: PromptTask, ig_steps: int = 1, batch_size: int = 16
+    model: Any,
+    task: PromptTask,
+    ig_steps: int = 1,
+    batch_size: int = 16,
+    corrupted_gradient: bool = False,
 ) -> Float[Tensor, " edges"]:
     """Signed EAP (ig_steps=1) or EAP-IG score of every edge, in `EdgeGraph.edge_names` order.
 
-    Positive: moving the edge from corrupted to clean raises the task metric.
+    Positive: moving the edge from corrupted to clean raises the task metric. With
+    `corrupted_gradient` (plain EAP only) the gradient is taken on the corrupted run, the
+    "denoising" form of TransformerLens's `attribution_patching`.
     """
     if not (isinstance(ig_steps, int) and ig_steps >= 1):
         raise ValueError(f"ig_steps must be a positive int, got {ig_steps!r}.")
+    if corrupted_gradient and ig_steps != 1:
+        raise ValueError("corrupted_gradient applies to plain EAP only (ig_steps=1).")
     graph = EdgeGraph.from_model(model)
     task.check_vocab(graph.shape.d_vocab)
     device = model_device(model)
@@ -54,7 +62,7 @@ def eap_scores(
             grads = {key: torch.zeros(len(idx), tokens.shape[1], n, graph.shape.d_model,
                                       device=device) for key, _, n, _ in graph.groups}  # fmt: skip
             for step in range(1, ig_steps + 1):
-                alpha = step / ig_steps
+                alpha = 0.0 if corrupted_gradient else step / ig_steps
                 probes = {k: torch.zeros_like(g, requires_grad=True) for k, g in grads.items()}
                 run = EdgeRun(
                     model, graph, ones, corr, probes=probes, weights=weights,
