@@ -8,7 +8,7 @@ from collections.abc import Callable
 from ..circuit import Circuit
 from .acdc import acdc, estimate_forward_passes
 from .activation_patching import activation_patching, node_effects
-from .eap import eap, eap_scores
+from .eap import eap, eap_ig, eap_scores
 from .edge_eval import evaluate_edges
 from .edge_pruning import EdgePruneConfig, edge_pruning
 from .graph import EdgeGraph, edge_forward
@@ -18,7 +18,7 @@ BASELINES: dict[str, Callable[..., Circuit]] = {
     "activation_patching": activation_patching,
     "acdc": acdc,
     "eap": eap,
-    "eap_ig": lambda model, task, **kw: eap(model, task, **{"ig_steps": 5, **kw}),
+    "eap_ig": eap_ig,
 }
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "activation_patching",
     "node_effects",
     "eap",
+    "eap_ig",
     "eap_scores",
     "edge_forward",
     "edge_pruning",

@@ -135,4 +135,9 @@ def eap(
     return Circuit.from_edges(graph.shape, kept, edge_scores=edge_scores, meta=meta)
 
 
-__all__ = ["eap", "eap_scores", "select_edges"]
+def eap_ig(model: Any, task: PromptTask, ig_steps: int = 5, **kwargs: Any) -> Circuit:
+    """EAP-IG with `ig_steps` interpolation points (5 by default, as in Hanna et al. 2024)."""
+    return eap(model, task, ig_steps=ig_steps, **kwargs)
+
+
+__all__ = ["eap", "eap_ig", "eap_scores", "select_edges"]
