@@ -189,10 +189,8 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
     lines = [
         f"# Memory and step time: node pruning vs edge pruning ({args.device})",
         "",
-        "Regenerate: `PYTHONPATH=. python bench/memory.py"
-        + ("" if args.device == "cpu" else f" --device {args.device}")
-        + f" --threads {args.threads}` (each point in a fresh process; see the script's "
-        "docstring for what each method's step holds).",
+        f"Regenerate: `PYTHONPATH=. python bench/memory.py {' '.join(sys.argv[1:])}` (each "
+        "point in a fresh process; see the script's docstring for what each step holds).",
         "",
         "Random GPT-2-small-shaped model (12 heads of 64, d_mlp 3072, vocabulary 50,257), fp32. "
         "`extra GiB`: peak memory over the loaded model and task, corrupted cache included. "
