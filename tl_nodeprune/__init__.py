@@ -1,6 +1,6 @@
 """tl_nodeprune: find circuits by learning node masks at several granularities at once."""
 
-from . import planted, tasks
+from . import baselines, planted, tasks
 from .circuit import Circuit
 from .evaluate import Evaluation, evaluate
 from .gates import HardConcrete
@@ -19,6 +19,7 @@ __all__ = [
     "PromptTask",
     "PruneConfig",
     "PruneResult",
+    "baselines",
     "evaluate",
     "load_model",
     "planted",
