@@ -1,6 +1,6 @@
 """tl_nodeprune: find circuits by learning node masks at several granularities at once."""
 
-from . import formats, metrics, planted, plot, references, tasks
+from . import baselines, formats, metrics, planted, plot, references, tasks
 from .circuit import Circuit
 from .compare import auc, compare, compare_circuits, roc, roc_auc
 from .evaluate import Evaluation, Evaluator, evaluate
@@ -26,6 +26,7 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "auc",
+    "baselines",
     "cmd",
     "compare",
     "compare_circuits",

@@ -1,0 +1,221 @@
+"""Memory and step time: node pruning vs edge pruning vs the floor, each point in a fresh process.
+
+    PYTHONPATH=. python bench/memory.py [--device cpu|cuda] [--threads 2] [--limit-gib 18]
+
+Methods, each one training step on a random GPT-2-small-shaped model (fp32), KL objective on
+the answer position, corrupted ablation with the corrupted activations cached up front:
+  node:  NodePruner's step with attention-block, MLP-block, head and neuron gates;
+  edge:  edge pruning's step (a hard-concrete mask on every edge, each reader's input rebuilt
+         from every writer, `tl_nodeprune.baselines.graph`);
+  floor: a frozen forward and backward with one hard-concrete mask per head.
+Memory is the peak over the loaded model and task (RSS high-water mark on CPU, reset after
+loading; `torch.cuda.max_memory_allocated` on a GPU): everything the run creates counts,
+the corrupted cache included. Time is the median of the timed steps after one warm-up step.
+Points whose memory, extrapolated from a smaller point of the same method, would pass
+`--limit-gib` are skipped and marked. Writes docs/benchmark{_cuda}.md and .csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 2**30
+MAIN = [(12, 8, 64), (12, 32, 64)]  # (n_layers, batch, seq)
+SCALING = [(12, 8, 32), (12, 8, 128), (6, 8, 64), (24, 8, 64)]
+METHODS = ("floor", "node", "edge")
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def run_point(method: str, n_layers: int, batch: int, seq: int, device: str, steps: int) -> dict:
+    """One measurement, in this process (call it in a fresh one)."""
+    import torch
+
+    from tl_nodeprune.ablation import Ablation, mixing_hooks, site_masks
+    from tl_nodeprune.baselines.edge_pruning import EdgeMasks, EdgePruneConfig
+    from tl_nodeprune.baselines.graph import EdgeGraph, _capture_names, _Weights, edge_forward
+    from tl_nodeprune.gates import GateSet
+    from tl_nodeprune.objectives import answer_logits, forward_answers, kl_divergence
+    from tl_nodeprune.planted import tiny_model
+    from tl_nodeprune.sites import ModelShape, frozen, hook_name
+    from tl_nodeprune.tasks.base import PromptTask
+
+    model = tiny_model("bridge-native", n_layers=n_layers, n_heads=12, d_head=64, d_mlp=3072,
+                       d_vocab=50257, n_ctx=max(1024, seq)).to(device)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50257, (2, batch, seq), generator=gen)
+    answers = torch.randint(0, 50257, (2, batch), generator=gen)
+    task = PromptTask.from_tokens(tokens[0], tokens[1], answers[0], (answers[0] + 1) % 50257)
+    shape = ModelShape.from_model(model)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+        base = _status("VmRSS")
+    idx = torch.arange(batch)
+    clean = task.clean.to(device)
+    sample_gen = torch.Generator(device=device).manual_seed(0)
+    with frozen(model):
+        full = answer_logits(model, task, batch_size=batch, fast=True)
+        if method == "edge":
+            graph = EdgeGraph.from_model(model)
+            cfg = EdgePruneConfig()
+            params = EdgeMasks(graph, cfg, device)
+            weights = _Weights(model, shape)
+            ablation = Ablation(model, task, _capture_names(graph), "corrupted", batch)
+
+            def loss_fn():
+                edge_mask, _ = params.sample(sample_gen)
+                logits = edge_forward(model, graph, clean, task.answer_pos, edge_mask,
+                                      ablation.values(idx, seq), weights=weights)  # fmt: skip
+                gap = params.expected_l0()["edges"] - 0.05
+                return kl_divergence(full, logits) + gap + gap**2
+        else:
+            grans = ("attn", "mlp", "head", "neuron") if method == "node" else ("head",)
+            params = GateSet(shape, grans, 3.0, device=device)
+            names = [hook_name("head", layer) for layer in range(n_layers)]
+            if method == "node":
+                names = list(site_masks(shape, params.sample(sample_gen)))
+            ablation = Ablation(model, task, names, "corrupted", batch)
+
+            def loss_fn():
+                masks = site_masks(shape, params.sample(sample_gen))
+                hooks = mixing_hooks(masks, ablation.values(idx, seq))
+                logits = forward_answers(model, clean, task.answer_pos, hooks, fast=True)
+                l0 = params.expected_l0()
+                return kl_divergence(full, logits) + sum(l0.values())
+
+        optimizer = torch.optim.Adam(params.parameters(), lr=0.1)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            loss = loss_fn()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
+    return {
+        "method": method,
+        "n_layers": n_layers,
+        "batch": batch,
+        "seq": seq,
+        "device": device,
+        "extra_gib": (peak - base) / GIB,
+        "step_s": statistics.median(times[1:]),
+        "status": "ok",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--limit-gib", type=float, default=18.0)
+    p.add_argument("--out", default="docs")
+    p.add_argument("--quick", action="store_true", help="only the 8x64 point (for a smoke run)")
+    p.add_argument("--point", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.point:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(run_point(**json.loads(args.point), device=args.device,
+                                   steps=args.steps)))  # fmt: skip
+        return
+    points = MAIN[:1] if args.quick else MAIN + SCALING
+    rows: list[dict] = []
+    for n_layers, batch, seq in sorted(points, key=lambda s: s[0] ** 2 * s[1] * s[2]):
+        for method in METHODS:
+            row = {"method": method, "n_layers": n_layers, "batch": batch, "seq": seq,
+                   "device": args.device}  # fmt: skip
+            predicted = _predict(rows, row)
+            if predicted is not None and predicted > args.limit_gib:
+                rows.append({**row, "extra_gib": None, "step_s": None,
+                             "status": f"skipped: predicted {predicted:.1f} GiB"})  # fmt: skip
+                print(rows[-1], flush=True)
+                continue
+            point = json.dumps({k: row[k] for k in ("method", "n_layers", "batch", "seq")})
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            cmd = [sys.executable, __file__, "--point", point, "--device", args.device,
+                   "--threads", str(args.threads), "--steps", str(args.steps)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                tail = done.stderr.strip().splitlines()[-1:] or ["?"]
+                rows.append({**row, "extra_gib": None, "step_s": None,
+                             "status": f"failed ({done.returncode}): {tail[0][:80]}"})  # fmt: skip
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    write(rows, Path(args.out), args)
+
+
+def _predict(rows: list[dict], row: dict) -> float | None:
+    """Extrapolate a method's memory from its largest measured point (edges grow as layers^2)."""
+    done = [r for r in rows if r["method"] == row["method"] and r["status"] == "ok"]
+    if not done:
+        return None
+    ref = max(done, key=lambda r: r["batch"] * r["seq"] * r["n_layers"])
+    power = 2 if row["method"] == "edge" else 1
+    scale = (row["batch"] * row["seq"]) / (ref["batch"] * ref["seq"])
+    return ref["extra_gib"] * scale * (row["n_layers"] / ref["n_layers"]) ** power
+
+
+def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    df = pd.DataFrame(rows)
+    df.to_csv(out / f"benchmark{suffix}.csv", index=False)
+    lines = [
+        f"# Memory and step time: node pruning vs edge pruning ({args.device})",
+        "",
+        f"Regenerate: `PYTHONPATH=. python bench/memory.py {' '.join(sys.argv[1:])}` (each "
+        "point in a fresh process; see the script's docstring for what each step holds).",
+        "",
+        "Random GPT-2-small-shaped model (12 heads of 64, d_mlp 3072, vocabulary 50,257), fp32. "
+        "`extra GiB`: peak memory over the loaded model and task, corrupted cache included. "
+        "`step s`: median of the timed steps.",
+        "",
+        "| layers | batch x seq | method | extra GiB | step s | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gib = "" if r["extra_gib"] is None else f"{r['extra_gib']:.2f}"
+        sec = "" if r["step_s"] is None else f"{r['step_s']:.2f}"
+        lines.append(f"| {r['n_layers']} | {r['batch']}x{r['seq']} | {r['method']} | {gib} | "
+                     f"{sec} | {r['status']} |")  # fmt: skip
+    lines += ["", "## Ratios (node pruning against edge pruning and the floor)", ""]
+    lines += ["| layers | batch x seq | node/edge memory | node/floor time |", "|---|---|---|---|"]
+    ok = df[df.status == "ok"].set_index(["n_layers", "batch", "seq", "method"])
+    for key in sorted({(r["n_layers"], r["batch"], r["seq"]) for r in rows}):
+        get = lambda m, col, key=key: ok[col].get((*key, m))  # noqa: E731
+        node, edge = get("node", "extra_gib"), get("edge", "extra_gib")
+        tn, tf = get("node", "step_s"), get("floor", "step_s")
+        mem = f"{node / edge:.3f}" if node is not None and edge else "n/a"
+        tim = f"{tn / tf:.2f}" if tn is not None and tf else "n/a"
+        lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {mem} | {tim} |")
+    (out / f"benchmark{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Every baseline leaves the model as it found it, also when it fails half-way."""
+
+import pytest
+
+from tl_nodeprune.baselines import BASELINES
+from tl_nodeprune.planted import planted_problem
+
+from ..conftest import hook_count
+
+SETTINGS = {
+    "edge_pruning": {"steps": 3, "progress": False},
+    "eap": {"top_n": 5},
+    "eap_ig": {"top_n": 5},
+    "activation_patching": {"top_k": 3},
+    "acdc": {"threshold": 0.01},
+}
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+@pytest.mark.parametrize("fail_at", [1, 4])
+def test_baseline_restores_hooks_mode_and_flags_after_an_error(method, fail_at):
+    problem = planted_problem("bridge-native", seed=0, n_layers=2, n_prompts=8)
+    model = problem.model.train()
+    model.embed.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    calls = []
+
+    def explode(module, args):
+        calls.append(1)
+        if len(calls) >= fail_at:
+            raise RuntimeError("injected failure")
+
+    handle = model.blocks[1].register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            BASELINES[method](model, problem.task, **SETTINGS[method])
+    finally:
+        handle.remove()
+    assert hook_count(model) == 0
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert not getattr(model.cfg, "use_split_qkv_input", False)
+
+
+def test_every_registered_baseline_has_contract_settings():
+    assert set(SETTINGS) == set(BASELINES)
