@@ -1,11 +1,12 @@
 """tl_nodeprune: find circuits by learning node masks at several granularities at once."""
 
-from . import planted, tasks
+from . import planted, selection, tasks
 from .circuit import Circuit
 from .evaluate import Evaluation, evaluate
 from .gates import HardConcrete
 from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
+from .selection import Selection, select_smallest
 from .sites import GRANULARITIES, ModelShape
 from .tasks import PromptTask
 
@@ -19,8 +20,11 @@ __all__ = [
     "PromptTask",
     "PruneConfig",
     "PruneResult",
+    "Selection",
     "evaluate",
     "load_model",
     "planted",
+    "select_smallest",
+    "selection",
     "tasks",
 ]

@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--warmup-steps", type=int, default=0)
     d.add_argument(
+        "--target-faithfulness",
+        type=float,
+        default=None,
+        help="return the smallest circuit (along the gate order) whose faithfulness on a "
+        "validation quarter of the training prompts reaches this",
+    )
+    d.add_argument(
         "--train-fraction",
         type=float,
         default=0.5,
@@ -119,6 +126,7 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
         penalty=_pairs(args.penalty, "--penalty") or None,
         target_sparsity=_pairs(args.target_sparsity, "--target-sparsity") or None,
         warmup_steps=args.warmup_steps,
+        target_faithfulness=args.target_faithfulness,
     )
     result = NodePruner(model, config).fit(train)
     evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)

@@ -24,6 +24,7 @@ from .objectives import (
     fast_path_matches,
     forward_answers,
 )
+from .selection import MEASURES, Measure, Selection, faithfulness_scorer, select_smallest
 from .sites import GRANULARITIES, ModelShape, check_granularity, frozen, model_device
 from .tasks.base import PromptTask
 
@@ -51,6 +52,12 @@ class PruneConfig:
     gap = expected kept fraction - target kept fraction and lambda trained by gradient ascent
     (rate `lagrangian_lr`); the quadratic term damps the oscillation a bare multiplier shows.
     Penalties and targets ramp up linearly over `warmup_steps`.
+
+    With `target_faithfulness`, `fit` trains on all but `validation_fraction` of the prompts
+    and returns the smallest circuit along the learned gate order whose faithfulness on those
+    validation prompts reaches the target (`tl_nodeprune.selection`; `selection_measure` "kl"
+    scores 1 - KL(full || circuit) / KL(full || empty) instead of the task metric); without
+    it, the circuit is the nodes whose deterministic gate exceeds `threshold`.
     """
 
     steps: int = 300
@@ -69,8 +76,26 @@ class PruneConfig:
     hard_concrete: HardConcrete = field(default_factory=HardConcrete)
     seed: int = 0
     progress: bool = True
+    target_faithfulness: float | None = None
+    validation_fraction: float = 0.25
+    selection_measure: Measure = "metric"
 
     def __post_init__(self) -> None:
+        if self.target_faithfulness is not None and not 0 < self.target_faithfulness <= 1:
+            raise ValueError(
+                "PruneConfig.target_faithfulness must be None or in (0, 1], "
+                f"got {self.target_faithfulness!r}."
+            )
+        if self.selection_measure not in MEASURES:
+            raise ValueError(
+                f"PruneConfig.selection_measure must be one of {MEASURES}, "
+                f"got {self.selection_measure!r}."
+            )
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(
+                "PruneConfig.validation_fraction must be in (0, 1), "
+                f"got {self.validation_fraction}."
+            )
         for name in ("steps", "batch_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(
@@ -119,6 +144,7 @@ class PruneResult:
     log_alpha: dict[str, Tensor]
     config: PruneConfig
     seconds: float
+    selection: Selection | None = None
 
 
 class NodePruner:
@@ -135,6 +161,9 @@ class NodePruner:
         cfg, model = self.config, self.model
         task.check_vocab(self.shape.d_vocab)
         start = time.perf_counter()
+        validation = None
+        if cfg.target_faithfulness is not None:
+            task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
         device = model_device(model)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         batches = _batches(torch.Generator().manual_seed(cfg.seed), len(task), cfg.batch_size)
@@ -181,7 +210,19 @@ class NodePruner:
             },
         )
         log_alpha = {g: la.detach().cpu().clone() for g, la in gates.log_alpha.items()}
-        return PruneResult(circuit, pd.DataFrame(rows), log_alpha, cfg, time.perf_counter() - start)
+        selection = None
+        if validation is not None and cfg.target_faithfulness is not None:
+            score = faithfulness_scorer(
+                model, validation, self.granularities, cfg.ablation, cfg.batch_size,
+                cfg.selection_measure,
+            )  # fmt: skip
+            selection = select_smallest(
+                log_alpha, self.shape, score, cfg.target_faithfulness, cfg.hard_concrete,
+                meta=circuit.meta,
+            )  # fmt: skip
+            circuit = selection.circuit
+        seconds = time.perf_counter() - start
+        return PruneResult(circuit, pd.DataFrame(rows), log_alpha, cfg, seconds, selection)
 
 
 def _batches(gen: torch.Generator, n: int, batch_size: int) -> Iterator[Tensor]:
