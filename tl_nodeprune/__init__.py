@@ -6,6 +6,7 @@ from .evaluate import Evaluation, evaluate
 from .gates import HardConcrete
 from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
+from .seeds import SeedSpread, fit_seeds
 from .selection import Selection, select_smallest
 from .sites import GRANULARITIES, ModelShape
 from .tasks import PromptTask
@@ -20,8 +21,10 @@ __all__ = [
     "PromptTask",
     "PruneConfig",
     "PruneResult",
+    "SeedSpread",
     "Selection",
     "evaluate",
+    "fit_seeds",
     "load_model",
     "planted",
     "select_smallest",

@@ -88,6 +88,14 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="share of prompts to train on; the rest measure faithfulness",
     )
+    d.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train once per seed (same prompts and split) and print the spread; writes "
+        "OUT with .seedN before the suffix for each",
+    )
     e = sub.add_parser("evaluate", help="faithfulness of a saved circuit on a task")
     e.add_argument("circuit", type=Path)
     _common(e)
@@ -128,6 +136,8 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
         warmup_steps=args.warmup_steps,
         target_faithfulness=args.target_faithfulness,
     )
+    if args.seeds:
+        return _discover_seeds(args, model, train, held_out, config)
     result = NodePruner(model, config).fit(train)
     evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
     result.circuit.meta.update(
@@ -139,6 +149,31 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
     print(f"held-out ({len(held_out)} prompts): {evaluation}")
     print(f"wrote {args.out}")
     return {"circuit": result.circuit, "evaluation": evaluation}
+
+
+def _discover_seeds(
+    args: argparse.Namespace, model: Any, train: Any, held_out: Any, config: PruneConfig
+) -> dict[str, Any]:
+    """One discovery per seed; print each circuit's size and held-out faithfulness, and the
+    nodes every seed kept."""
+    spread = NodePruner(model, config).fit_seeds(train, args.seeds)
+    table = spread.summary()
+    for seed, result in spread.results.items():
+        evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
+        table.loc[seed, "held_out_faithfulness"] = round(evaluation.faithfulness, 3)
+        result.circuit.meta.update(
+            model=args.model, held_out=evaluation.to_dict(), seconds=round(result.seconds, 1)
+        )
+        result.circuit.save(args.out.with_name(f"{args.out.stem}.seed{seed}{args.out.suffix}"))
+    consensus = spread.consensus()
+    print(f"circuits for {train.name} on {args.model}, seeds {spread.seeds}:")
+    print(table.to_string())
+    print("nodes kept by every seed / by some seed, per granularity:")
+    counts = consensus.groupby("granularity")["share"].agg(
+        every=lambda s: int((s >= 1).sum()), some="count"
+    )
+    print(counts.to_string())
+    return {"spread": spread, "table": table}
 
 
 def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:

@@ -156,6 +156,12 @@ class NodePruner:
         self.shape = ModelShape.from_model(model)
         self.granularities = self.shape.resolve(self.config.granularities)
 
+    def fit_seeds(self, task: PromptTask, seeds: Any = (0, 1, 2)) -> Any:
+        """One fit per seed (this config otherwise): a `SeedSpread` with a consensus view."""
+        from .seeds import fit_seeds
+
+        return fit_seeds(self.model, task, seeds, self.config)
+
     def fit(self, task: PromptTask) -> PruneResult:
         """Train the gates on `task` and return the circuit of nodes whose gate stays open."""
         cfg, model = self.config, self.model
