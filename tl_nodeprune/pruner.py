@@ -79,6 +79,7 @@ class PruneConfig:
     target_faithfulness: float | None = None
     validation_fraction: float = 0.25
     selection_measure: Measure = "metric"
+    log_alpha_bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.target_faithfulness is not None and not 0 < self.target_faithfulness <= 1:
@@ -90,6 +91,14 @@ class PruneConfig:
             raise ValueError(
                 f"PruneConfig.selection_measure must be one of {MEASURES}, "
                 f"got {self.selection_measure!r}."
+            )
+        if self.log_alpha_bounds is not None and not (
+            len(self.log_alpha_bounds) == 2
+            and self.log_alpha_bounds[0] < 0 < self.log_alpha_bounds[1]
+        ):
+            raise ValueError(
+                "PruneConfig.log_alpha_bounds must be None or (low, high) with low < 0 < high, "
+                f"got {self.log_alpha_bounds!r}."
             )
         if not 0 < self.validation_fraction < 1:
             raise ValueError(
@@ -201,6 +210,8 @@ class NodePruner:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if cfg.log_alpha_bounds is not None:
+                    gates.clamp_(*cfg.log_alpha_bounds)
                 sparsity.ascend(l0, step)
                 rows.append(_history_row(step, loss, terms, l0, gates, cfg, sparsity))
         circuit = Circuit(

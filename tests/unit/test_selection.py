@@ -61,3 +61,11 @@ def test_config_rejects_bad_selection_settings_by_name(field, value):
 
     with pytest.raises(ValueError, match=field):
         PruneConfig(**{field: value})
+
+
+@pytest.mark.parametrize("bounds", [(1.0, 6.0), (-4.0, -1.0), (-4.0,)])
+def test_config_rejects_bad_log_alpha_bounds(bounds):
+    from tl_nodeprune import PruneConfig
+
+    with pytest.raises(ValueError, match="log_alpha_bounds"):
+        PruneConfig(log_alpha_bounds=bounds)
