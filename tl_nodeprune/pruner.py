@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -27,6 +27,9 @@ from .objectives import (
 from .selection import MEASURES, Measure, Selection, faithfulness_scorer, select_smallest
 from .sites import GRANULARITIES, ModelShape, check_granularity, frozen, model_device
 from .tasks.base import PromptTask
+
+if TYPE_CHECKING:
+    from .seeds import SeedSpread
 
 # Default price of keeping one node, in units of the faithfulness loss (nats for KL). A node's
 # worth to a circuit does not depend on how many siblings it has, so the default penalty on
@@ -165,7 +168,7 @@ class NodePruner:
         self.shape = ModelShape.from_model(model)
         self.granularities = self.shape.resolve(self.config.granularities)
 
-    def fit_seeds(self, task: PromptTask, seeds: Any = (0, 1, 2)) -> Any:
+    def fit_seeds(self, task: PromptTask, seeds: Iterable[int] = (0, 1, 2)) -> SeedSpread:
         """One fit per seed (this config otherwise): a `SeedSpread` with a consensus view."""
         from .seeds import fit_seeds
 
