@@ -1,6 +1,6 @@
 """tl_nodeprune: find circuits by learning node masks at several granularities at once."""
 
-from . import baselines, formats, metrics, planted, plot, references, tasks
+from . import baselines, formats, metrics, planted, plot, references, selection, tasks
 from .circuit import Circuit
 from .compare import auc, compare, compare_circuits, roc, roc_auc
 from .evaluate import Evaluation, Evaluator, evaluate
@@ -10,6 +10,8 @@ from .metrics import cmd, completeness, cpr, faithfulness_curve, minimality
 from .models import load_model
 from .pruner import NodePruner, PruneConfig, PruneResult
 from .report import report
+from .seeds import SeedSpread, fit_seeds
+from .selection import Selection, select_smallest
 from .sites import GRANULARITIES, ModelShape
 from .sweep import granularity_sweep, sweep
 from .tasks import PromptTask
@@ -25,6 +27,8 @@ __all__ = [
     "PromptTask",
     "PruneConfig",
     "PruneResult",
+    "SeedSpread",
+    "Selection",
     "auc",
     "baselines",
     "cmd",
@@ -36,6 +40,7 @@ __all__ = [
     "faithfulness_curve",
     "formats",
     "granularity_sweep",
+    "fit_seeds",
     "load_model",
     "metrics",
     "minimality",
@@ -49,6 +54,8 @@ __all__ = [
     "roc",
     "roc_auc",
     "sweep",
+    "select_smallest",
+    "selection",
     "tasks",
     "to_mib",
     "write_mib",

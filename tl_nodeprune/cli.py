@@ -111,10 +111,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--warmup-steps", type=_number(int, 0), default=0)
     d.add_argument(
+        "--target-faithfulness",
+        type=float,
+        default=None,
+        help="return the smallest circuit (along the gate order) whose faithfulness on a "
+        "validation quarter of the training prompts reaches this",
+    )
+    d.add_argument(
         "--train-fraction",
         type=_number(float, 0, 1, low_open=True),
         default=0.5,
         help="share of prompts to train on; the rest measure faithfulness",
+    )
+    d.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train once per seed (same prompts and split) and print the spread; writes "
+        "OUT with .seedN before the suffix for each",
     )
     e = sub.add_parser(
         "evaluate",
@@ -168,6 +183,7 @@ def _config(args: argparse.Namespace) -> PruneConfig:
             penalty=_pairs(args.penalty, "--penalty") or None,
             target_sparsity=_pairs(args.target_sparsity, "--target-sparsity") or None,
             warmup_steps=args.warmup_steps,
+            target_faithfulness=args.target_faithfulness,
         )
     except ValueError as error:
         raise SystemExit(f"Bad option: {error}") from None
@@ -180,6 +196,8 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model, task = _model_and_task(args)
     train, held_out = task.split(args.train_fraction, seed=args.seed)
+    if args.seeds:
+        return _discover_seeds(args, model, train, held_out, config)
     result = NodePruner(model, config).fit(train)
     evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
     result.circuit.meta.update(
@@ -206,6 +224,31 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
 def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The command line's own arguments, for the report's settings table."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def _discover_seeds(
+    args: argparse.Namespace, model: Any, train: Any, held_out: Any, config: PruneConfig
+) -> dict[str, Any]:
+    """One discovery per seed; print each circuit's size and held-out faithfulness, and the
+    nodes every seed kept."""
+    spread = NodePruner(model, config).fit_seeds(train, args.seeds)
+    table = spread.summary()
+    for seed, result in spread.results.items():
+        evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
+        table.loc[seed, "held_out_faithfulness"] = round(evaluation.faithfulness, 3)
+        result.circuit.meta.update(
+            model=args.model, held_out=evaluation.to_dict(), seconds=round(result.seconds, 1)
+        )
+        result.circuit.save(args.out.with_name(f"{args.out.stem}.seed{seed}{args.out.suffix}"))
+    consensus = spread.consensus()
+    print(f"circuits for {train.name} on {args.model}, seeds {spread.seeds}:")
+    print(table.to_string())
+    print("nodes kept by every seed / by some seed, per granularity:")
+    counts = consensus.groupby("granularity")["share"].agg(
+        every=lambda s: int((s >= 1).sum()), some="count"
+    )
+    print(counts.to_string())
+    return {"spread": spread, "table": table}
 
 
 def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:

@@ -79,6 +79,16 @@ class GateSet(nn.Module):
         with torch.no_grad():
             return {g: self.hard_concrete.deterministic(la) for g, la in self.log_alpha.items()}
 
+    def clamp_(self, low: float, high: float) -> None:
+        """Bound every log_alpha in place, so that a closed gate keeps a chance to reopen.
+
+        A hard-concrete gate far below zero samples exactly 0 almost always and then gets no
+        gradient from the faithfulness loss: without a bound, one large step closes it for good.
+        """
+        with torch.no_grad():
+            for la in self.log_alpha.values():
+                la.clamp_(low, high)
+
     def expected_l0(self) -> dict[str, Float[Tensor, ""]]:
         """Mean expected L0 per granularity: the fraction of its nodes expected to be open."""
         return {g: self.hard_concrete.expected_l0(la).mean() for g, la in self.log_alpha.items()}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -34,6 +34,7 @@ from .objectives import (
     fast_path_matches,
     forward_answers,
 )
+from .selection import MEASURES, Measure, Selection, faithfulness_scorer, select_smallest
 from .sites import (
     GRANULARITIES,
     ModelShape,
@@ -43,6 +44,9 @@ from .sites import (
     model_device,
 )
 from .tasks.base import PromptTask
+
+if TYPE_CHECKING:
+    from .seeds import SeedSpread
 
 # Default price of keeping one node, in units of the faithfulness loss (nats for KL). A node's
 # worth to a circuit does not depend on how many siblings it has, so the default penalty on
@@ -77,6 +81,12 @@ class PruneConfig:
     (`tl_nodeprune.checkpoint`): True (every block), False, or "auto" (the fewest blocks that
     bring a step's estimated activation memory under `checkpoint_budget_bytes`); the gradients
     are the same either way.
+
+    With `target_faithfulness`, `fit` trains on all but `validation_fraction` of the prompts
+    and returns the smallest circuit along the learned gate order whose faithfulness on those
+    validation prompts reaches the target (`tl_nodeprune.selection`; `selection_measure` "kl"
+    scores 1 - KL(full || circuit) / KL(full || empty) instead of the task metric); without
+    it, the circuit is the nodes whose deterministic gate exceeds `threshold`.
     """
 
     steps: int = 300
@@ -99,8 +109,35 @@ class PruneConfig:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     checkpoint: CheckpointMode = "auto"
     checkpoint_budget_bytes: int = 2**31
+    target_faithfulness: float | None = None
+    validation_fraction: float = 0.25
+    selection_measure: Measure = "metric"
+    log_alpha_bounds: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.target_faithfulness is not None and not 0 < self.target_faithfulness <= 1:
+            raise ValueError(
+                "PruneConfig.target_faithfulness must be None or in (0, 1], "
+                f"got {self.target_faithfulness!r}."
+            )
+        if self.selection_measure not in MEASURES:
+            raise ValueError(
+                f"PruneConfig.selection_measure must be one of {MEASURES}, "
+                f"got {self.selection_measure!r}."
+            )
+        if self.log_alpha_bounds is not None and not (
+            len(self.log_alpha_bounds) == 2
+            and self.log_alpha_bounds[0] < 0 < self.log_alpha_bounds[1]
+        ):
+            raise ValueError(
+                "PruneConfig.log_alpha_bounds must be None or (low, high) with low < 0 < high, "
+                f"got {self.log_alpha_bounds!r}."
+            )
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(
+                "PruneConfig.validation_fraction must be in (0, 1), "
+                f"got {self.validation_fraction}."
+            )
         for name in ("steps", "batch_size", "log_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(
@@ -179,6 +216,7 @@ class PruneResult:
     log_alpha: dict[str, Tensor]
     config: PruneConfig
     seconds: float
+    selection: Selection | None = None
 
 
 class NodePruner:
@@ -192,11 +230,20 @@ class NodePruner:
         self.config.check_gated(self.granularities)
         check_sites(model, self.shape, self.granularities)
 
+    def fit_seeds(self, task: PromptTask, seeds: Iterable[int] = (0, 1, 2)) -> SeedSpread:
+        """One fit per seed (this config otherwise): a `SeedSpread` with a consensus view."""
+        from .seeds import fit_seeds
+
+        return fit_seeds(self.model, task, seeds, self.config)
+
     def fit(self, task: PromptTask) -> PruneResult:
         """Train the gates on `task` and return the circuit of nodes whose gate stays open."""
         cfg, model = self.config, self.model
         task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
         start = time.perf_counter()
+        validation = None
+        if cfg.target_faithfulness is not None:
+            task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
         device = model_device(model)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         order = _batches(torch.Generator().manual_seed(cfg.seed), len(task), cfg.batch_size)
@@ -246,6 +293,8 @@ class NodePruner:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
+                if cfg.log_alpha_bounds is not None:
+                    gates.clamp_(*cfg.log_alpha_bounds)
                 sparsity.ascend(l0, step)
                 history.add(step, loss, terms, l0, gates, sparsity)
                 if (step + 1) % cfg.log_every == 0:
@@ -264,8 +313,19 @@ class NodePruner:
             },
         )
         log_alpha = {g: la.detach().cpu().clone() for g, la in gates.log_alpha.items()}
+        selection = None
+        if validation is not None and cfg.target_faithfulness is not None:
+            score = faithfulness_scorer(
+                model, validation, self.granularities, cfg.ablation, cfg.batch_size,
+                cfg.selection_measure,
+            )  # fmt: skip
+            selection = select_smallest(
+                log_alpha, self.shape, score, cfg.target_faithfulness, cfg.hard_concrete,
+                meta=circuit.meta,
+            )  # fmt: skip
+            circuit = selection.circuit
         seconds = time.perf_counter() - start
-        return PruneResult(circuit, history.frame(), log_alpha, cfg, seconds)
+        return PruneResult(circuit, history.frame(), log_alpha, cfg, seconds, selection)
 
 
 def _batches(gen: torch.Generator, n: int, batch_size: int) -> Iterator[Tensor]:

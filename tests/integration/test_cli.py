@@ -100,3 +100,19 @@ def test_evaluate_scores_the_held_out_prompts_with_the_circuits_own_ablation(tmp
     assert main(["evaluate", str(path), *PLANTED[:4], "--all-prompts", "--ablation", "zero"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["ablation"] == "zero" and report["n_prompts"] == 64
+
+
+def test_discover_with_seeds_prints_the_spread_and_writes_one_circuit_per_seed(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    argv = ["discover", *PLANTED, "--steps", "100", "--out", str(out), "--seeds", "0", "1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "seeds [0, 1]" in printed and "held_out_faithfulness" in printed
+    truth = planted_problem("bridge-native", seed=0).circuit
+    for seed in (0, 1):
+        circuit = tnp.Circuit.load(tmp_path / f"c.seed{seed}.json")
+        assert circuit.meta["seed"] == seed
+        assert circuit.nodes == truth.nodes
+    every = {line.split()[0]: int(line.split()[1]) for line in printed.splitlines()
+             if line.split()[:1] in (["head"], ["neuron"])}  # fmt: skip
+    assert every == {"head": 2, "neuron": 9}

@@ -53,3 +53,21 @@ def test_gateset_shapes_follow_the_model():
     for g, expected in gates.expected_l0().items():
         open_share = torch.stack([(d[g] > 0).float().mean() for d in draws]).mean()
         assert open_share.item() == pytest.approx(expected.item(), abs=0.01), g
+
+
+def test_clamp_bounds_every_log_alpha_and_keeps_a_closed_gate_reopenable():
+    from tl_nodeprune.gates import GateSet
+    from tl_nodeprune.sites import ModelShape
+
+    shape = ModelShape(name="toy", n_layers=2, n_heads=4, d_head=8, d_mlp=16, d_vocab=64)
+    gates = GateSet(shape, ("head", "neuron"), init_log_alpha=3.0)
+    with torch.no_grad():
+        gates.log_alpha["head"].fill_(-17.0)
+        gates.log_alpha["neuron"].fill_(9.0)
+    gen = torch.Generator().manual_seed(0)
+    never = torch.stack([gates.sample(gen)["head"] for _ in range(200)])
+    assert (never == 0).all(), "at -17 a gate samples 0 and so gets no gradient"
+    gates.clamp_(-4.0, 6.0)
+    assert (gates.log_alpha["head"] == -4.0).all() and (gates.log_alpha["neuron"] == 6.0).all()
+    samples = torch.stack([gates.sample(gen)["head"] for _ in range(200)])
+    assert (samples > 0).float().mean() > 0.02, "at the bound some samples open again"

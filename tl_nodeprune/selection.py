@@ -1,0 +1,173 @@
+"""The smallest circuit that meets a faithfulness target, chosen along the learned gate order.
+
+Training leaves one `log_alpha` per node. Keeping the nodes whose `log_alpha` exceeds a
+threshold t (jointly over granularities, with the hierarchy applied) gives nested circuits:
+the higher t, the smaller the circuit. The default circuit is t = 0 (deterministic gate 0.5).
+`select_smallest` scores a grid of thresholds on a validation split and returns the circuit of
+the highest t whose faithfulness reaches the target, with the curve it was chosen from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .ablation import Ablation, AblationKind, site_masks
+from .circuit import Circuit
+from .evaluate import circuit_logits
+from .gates import HardConcrete
+from .objectives import answer_logits, kl_divergence
+from .sites import ModelShape, frozen
+from .tasks.base import PromptTask
+
+Scorer = Callable[[Circuit], float]
+Measure = Literal["metric", "kl"]
+MEASURES = ("metric", "kl")
+
+
+@dataclass
+class Selection:
+    """The chosen circuit, its threshold on log_alpha, its validation faithfulness, the curve."""
+
+    circuit: Circuit
+    threshold: float
+    faithfulness: float
+    target: float
+    curve: pd.DataFrame
+
+
+def circuit_at(
+    shape: ModelShape,
+    log_alpha: dict[str, Tensor],
+    threshold: float,
+    hard_concrete: HardConcrete | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Circuit:
+    """The circuit of nodes whose log_alpha exceeds `threshold` (0 gives the default circuit)."""
+    hc = hard_concrete or HardConcrete()
+    gates = {
+        g: hc.deterministic(la.detach().float().cpu() - threshold) for g, la in log_alpha.items()
+    }
+    return Circuit(shape, gates, 0.5, meta=dict(meta or {}))
+
+
+def faithfulness_scorer(
+    model: Any,
+    task: PromptTask,
+    granularities: tuple[str, ...] | None = None,
+    ablation: AblationKind = "corrupted",
+    batch_size: int = 32,
+    measure: Measure = "metric",
+) -> Scorer:
+    """f(C) = (metric(C) - metric(empty)) / (metric(full) - metric(empty)) on `task`.
+
+    With `measure="kl"`, f(C) = 1 - KL(full || C) / KL(full || empty) instead: the share of
+    the output distribution the circuit restores, which reaches 1 only when nothing that
+    matters is missing (a task metric can reach 1, or overshoot, with parts missing). The
+    scorer takes circuits gated at `granularities` (default: all the model has).
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}.")
+    shape = ModelShape.from_model(model)
+    gated = {g: torch.ones(shape.units(g)) for g in shape.resolve(granularities)}
+    blocks = Circuit.empty(shape).gates
+    names = sorted(set(site_masks(shape, gated)) | set(site_masks(shape, blocks)))
+    with frozen(model):
+        abl = Ablation(model, task, names, ablation, batch_size)
+        full = answer_logits(model, task, batch_size=batch_size)
+        empty = circuit_logits(model, Circuit.empty(shape), task, abl, batch_size)
+    if measure == "kl":
+        m_full, m_empty = 0.0, -kl_divergence(full, empty).item()
+    else:
+        m_full, m_empty = task.score(full).mean().item(), task.score(empty).mean().item()
+
+    def score(circuit: Circuit) -> float:
+        with frozen(model):
+            logits = circuit_logits(model, circuit, task, abl, batch_size)
+        if measure == "kl":
+            value = -kl_divergence(full, logits).item()
+        else:
+            value = task.score(logits).mean().item()
+        denom = m_full - m_empty
+        return (value - m_empty) / denom if abs(denom) > 1e-12 else math.nan
+
+    return score
+
+
+def _candidates(log_alpha: dict[str, Tensor], max_candidates: int) -> list[float]:
+    """Thresholds just below distinct log_alpha values (a spread subset when there are many)."""
+    values = torch.cat([la.detach().float().flatten().cpu() for la in log_alpha.values()])
+    distinct = values.unique().sort(descending=True).values
+    if len(distinct) > max_candidates:  # log-spaced in the number of nodes a threshold keeps
+        ranks = torch.logspace(0, math.log10(len(distinct)), max_candidates).round().long() - 1
+        distinct = distinct[ranks.unique()]
+    gaps = 1e-4 * (1 + distinct.abs())
+    return sorted({*(distinct - gaps).tolist(), 0.0}, reverse=True)
+
+
+def select_smallest(
+    log_alpha: dict[str, Tensor],
+    shape: ModelShape,
+    score: Scorer,
+    target: float,
+    hard_concrete: HardConcrete | None = None,
+    max_candidates: int = 32,
+    refine_steps: int = 8,
+    meta: dict[str, Any] | None = None,
+) -> Selection:
+    """Score nested circuits (high threshold = small) and keep the smallest reaching `target`.
+
+    With more distinct log_alphas than `max_candidates`, the grid is refined by bisection
+    between the smallest passing and the next smaller failing threshold. If no threshold
+    reaches the target, the most faithful circuit on the curve is returned (see the curve).
+    """
+    rows: dict[float, dict[str, Any]] = {}
+
+    def visit(t: float) -> float:
+        if t not in rows:
+            c = circuit_at(shape, log_alpha, t, hard_concrete)
+            rows[t] = {"threshold": t, **{f"kept_{g}": c.n_kept(g) for g in c.granularities},
+                       "nodes": len(c.nodes), "faithfulness": score(c)}  # fmt: skip
+        return rows[t]["faithfulness"]
+
+    thresholds = _candidates(log_alpha, max_candidates)
+    for t in thresholds:
+        visit(t)
+    passing = [t for t in thresholds if visit(t) >= target]
+    if passing:
+        best = max(passing)
+        higher = [t for t in thresholds if t > best]
+        if higher and refine_steps:  # bisection on log_alpha between failing and passing
+            lo, hi = best, min(higher)
+            for _ in range(refine_steps):
+                mid = (lo + hi) / 2
+                if visit(mid) >= target:
+                    lo = mid
+                else:
+                    hi = mid
+            best = lo
+    else:
+        best = max(rows, key=lambda t: (rows[t]["faithfulness"], t))
+    curve = pd.DataFrame(sorted(rows.values(), key=lambda r: -r["threshold"]))
+    curve["meets_target"] = curve["faithfulness"] >= target
+    circuit = circuit_at(shape, log_alpha, best, hard_concrete, meta)
+    found = rows[best]["faithfulness"]
+    circuit.meta["selection"] = {"target": target, "log_alpha_threshold": best,
+                                 "validation_faithfulness": found}  # fmt: skip
+    return Selection(circuit, best, found, target, curve)
+
+
+__all__ = [
+    "MEASURES",
+    "Measure",
+    "Selection",
+    "circuit_at",
+    "faithfulness_scorer",
+    "select_smallest",
+]
