@@ -25,7 +25,9 @@ def _executor():
     return module.execute
 
 
-@pytest.mark.parametrize("name", ["01_ioi.ipynb", "02_greater_than.ipynb"])
+@pytest.mark.parametrize(
+    "name", ["01_ioi.ipynb", "02_greater_than.ipynb", "03_compare_with_edge_pruning.ipynb"]
+)
 def test_notebook_runs_and_shows_its_figures(name, tmp_path):
     out = tmp_path / name
     seconds = _executor()(NOTEBOOKS / name, {}, out)  # raises on the first failing cell
