@@ -37,6 +37,24 @@ class Evaluation:
     n_prompts: int
     ablation: str
 
+    @classmethod
+    def from_logits(
+        cls, task: PromptTask, full: Tensor, circuit: Tensor, empty: Tensor, ablation: str
+    ) -> Evaluation:
+        """Metric, faithfulness and KL from the full, circuit and empty answer logits."""
+        m_full, m_circ, m_empty = (task.score(x).mean().item() for x in (full, circuit, empty))
+        denom = m_full - m_empty
+        return cls(
+            metric_full=m_full,
+            metric_circuit=m_circ,
+            metric_empty=m_empty,
+            faithfulness=(m_circ - m_empty) / denom if abs(denom) > 1e-12 else math.nan,
+            kl=kl_divergence(full, circuit).item(),
+            kl_empty=kl_divergence(full, empty).item(),
+            n_prompts=len(task),
+            ablation=ablation,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -117,20 +135,7 @@ class Evaluator:
             )
         with frozen(self.model):
             kept = circuit_logits(self.model, circuit, self.task, self.ablation, self.batch_size)
-        m_full, m_circ, m_empty = (
-            self.task.score(x).mean().item() for x in (self.full, kept, self.empty)
-        )
-        denom = m_full - m_empty
-        return Evaluation(
-            metric_full=m_full,
-            metric_circuit=m_circ,
-            metric_empty=m_empty,
-            faithfulness=(m_circ - m_empty) / denom if abs(denom) > 1e-12 else math.nan,
-            kl=kl_divergence(self.full, kept).item(),
-            kl_empty=kl_divergence(self.full, self.empty).item(),
-            n_prompts=len(self.task),
-            ablation=self.kind,
-        )
+        return Evaluation.from_logits(self.task, self.full, kept, self.empty, self.kind)
 
 
 def evaluate(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor
 from ..ablation import Ablation
 from ..circuit import Circuit
 from ..evaluate import Evaluation
-from ..objectives import answer_logits, kl_divergence
+from ..objectives import answer_logits
 from ..sites import frozen, model_device
 from ..tasks.base import PromptTask
 from .graph import EdgeGraph, _capture_names, _Weights, edge_forward
@@ -60,18 +59,7 @@ def evaluate_edges(
     empty = edge_logits(model, graph, task, torch.zeros(graph.n_edges), batch_size)
     with frozen(model):
         full = answer_logits(model, task, batch_size=batch_size)
-    m_full, m_circ, m_empty = (task.score(x).mean().item() for x in (full, kept, empty))
-    denom = m_full - m_empty
-    return Evaluation(
-        metric_full=m_full,
-        metric_circuit=m_circ,
-        metric_empty=m_empty,
-        faithfulness=(m_circ - m_empty) / denom if abs(denom) > 1e-12 else math.nan,
-        kl=kl_divergence(full, kept).item(),
-        kl_empty=kl_divergence(full, empty).item(),
-        n_prompts=len(task),
-        ablation="corrupted (edges)",
-    )
+    return Evaluation.from_logits(task, full, kept, empty, "corrupted (edges)")
 
 
 __all__ = ["edge_logits", "edge_mask_of", "evaluate_edges"]
