@@ -36,9 +36,13 @@ def test_edges_and_eap_scores_match_transformer_lens_attribution_patching():
     gen = torch.Generator().manual_seed(1)
     clean, corrupted = torch.randint(0, 64, (2, 3, 6), generator=gen)
     task = PromptTask.from_tokens(clean, corrupted, [3, 3, 3], [5, 5, 5])
+    try:
+        edge_config = ap.EdgeAttributionConfig(granularity="edge")
+    except NotImplementedError:  # TransformerLens 3.x ships the module with node scoring only
+        pytest.skip("this TransformerLens's attribution patching has no edge granularity")
     result = ap.attribution_patch(
         model, clean, corrupted, lambda logits: logits[0, -1, 3] - logits[0, -1, 5],
-        ap.EdgeAttributionConfig(granularity="edge"),
+        edge_config,
     )  # fmt: skip
     theirs: dict[str, float] = {}
     for (writer, reader), score in result.edge_scores.items():  # per position: sum them
