@@ -5,9 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TL ?= transformer-lens>=4,<5
 PIP = $(VENV)/bin/pip -q --disable-pip-version-check
-# Two pytest workers of one thread each: on 2 cores, tiny models run faster this way than one
-# process whose two torch threads fight over the same cores (the fast suite: 5 min this way).
-PYTEST_ARGS ?= -n 2
+# The fast suite runs as two pytest workers of one thread each: on 2 cores, tiny models run
+# faster this way than one process whose two torch threads fight over the same cores (5 min
+# this way). The slow SmolLM2 tests then run alone, with torch's default threads, as
+# `make discover` does (SLOW= skips them).
+SLOW ?= 1
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +27,8 @@ discover: install
 
 test: install
 	$(VENV)/bin/ruff check tl_nodeprune tests bench
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -m "not slow"
+	$(if $(SLOW),$(VENV)/bin/pytest -m slow)
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on any broken link.
 docs: install
@@ -37,6 +40,6 @@ notebooks: install
 
 # The same suite on TransformerLens 3.9, where HookedTransformer still exists.
 test-tl3:
-	$(MAKE) test VENV=.venv-tl3 TL="transformer-lens==3.9.*" PYTEST_ARGS='-n 2 -m "not slow"'
+	$(MAKE) test VENV=.venv-tl3 TL="transformer-lens==3.9.*" SLOW=
 
 .PHONY: install discover test test-tl3 docs notebooks
