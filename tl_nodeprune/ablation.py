@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ from .tasks.base import PromptTask
 AblationKind = Literal["corrupted", "mean", "zero"]
 ABLATIONS: tuple[str, ...] = ("corrupted", "mean", "zero")
 HookFn = Callable[..., Tensor]
+# An ablated value, or a function that makes it when the hook runs (see `Ablation.lazy_values`).
+Ablated = Tensor | Callable[[], Tensor] | None
 DEFAULT_CACHE_BYTES = 2**31  # corrupted activations cached up front when they fit in 2 GiB
 
 
@@ -42,28 +45,27 @@ def site_masks(shape: ModelShape, gates: dict[str, Tensor]) -> dict[str, Tensor]
     return masks
 
 
-def _mix_hook(mask: Tensor, ablated: Tensor | None) -> HookFn:
+def _mix_hook(mask: Tensor, ablated: Ablated) -> HookFn:
     """a + g * (x - a) as one `torch.lerp`: exactly x when g == 1 and exactly a when g == 0.
 
     One op instead of four; autograd keeps as much for backward as with
     `x * g + a * (1 - g)` (bench/mixing_memory.py measures both). The gate and the ablated
     value are moved to the device and dtype of the hook's tensor, so models spread over
-    several devices work.
+    several devices work. A callable `ablated` is called each time the hook runs.
     """
 
     def hook(x: Tensor, hook: Any) -> Tensor:
         m = mask.to(device=x.device, dtype=x.dtype)
         if ablated is None:
             return x * m
-        a = ablated.to(device=x.device, dtype=x.dtype)
+        a = ablated() if callable(ablated) else ablated
+        a = a.to(device=x.device, dtype=x.dtype)
         return torch.lerp(a, x, m)
 
     return hook
 
 
-def mixing_hooks(
-    masks: dict[str, Tensor], ablated: dict[str, Tensor | None]
-) -> list[tuple[str, HookFn]]:
+def mixing_hooks(masks: dict[str, Tensor], ablated: dict[str, Ablated]) -> list[tuple[str, HookFn]]:
     """`(hook name, fn)` pairs for `model.hooks`, each closure bound to its site's tensors."""
     return [(name, _mix_hook(mask, ablated.get(name))) for name, mask in masks.items()]
 
@@ -137,11 +139,20 @@ class Ablation:
         return self._cache is not None or self.kind == "zero"
 
     def _gather(self, tokens: Tensor, batch_size: int) -> dict[str, Tensor]:
-        chunks = [
-            capture(self.model, tokens[i : i + batch_size], self.names)
-            for i in range(0, len(tokens), batch_size)
-        ]
-        return {n: torch.cat([c[n] for c in chunks]) for n in self.names}
+        """Activations at every gated hook for all of `tokens`, captured batch by batch.
+
+        Each batch is written into its slot of the finished cache, so only the cache and
+        one batch's activations are ever alive (a concatenation would hold two caches).
+        """
+        out: dict[str, Tensor] = {}
+        for i in range(0, len(tokens), batch_size):
+            part = capture(self.model, tokens[i : i + batch_size], self.names)
+            for n, v in part.items():
+                if n not in out:
+                    out[n] = v.new_empty((len(tokens), *v.shape[1:]))
+                out[n][i : i + len(v)] = v
+            del part
+        return out
 
     def _position_means(self, batch_size: int) -> dict[str, Tensor]:
         """Mean clean activation at each position, over the prompts that reach it."""
@@ -173,3 +184,18 @@ class Ablation:
             return {n: v[idx.to(v.device), :seq] for n, v in self._cache.items()}
         tokens = self.task.corrupted[idx.to(self.device), :seq]
         return dict(capture(self.model, tokens, self.names))
+
+    def lazy_values(self, idx: Int[Tensor, " batch"], seq: int) -> dict[str, Ablated]:
+        """`values`, but a cached value is indexed for the batch inside its hook.
+
+        The batch's copy is then made when the hook runs and held only while autograd needs
+        it: with checkpointed blocks, one block at a time instead of the whole step.
+        """
+        if self.kind != "corrupted" or self._cache is None:
+            return self.values(idx, seq)
+        return {n: functools.partial(_rows, v, idx, seq) for n, v in self._cache.items()}
+
+
+def _rows(values: Tensor, idx: Tensor, seq: int) -> Tensor:
+    """`values[idx, :seq]` (a copy), with `idx` moved to the values' device."""
+    return values[idx.to(values.device), :seq]

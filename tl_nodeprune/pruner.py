@@ -278,7 +278,8 @@ class NodePruner:
                 idx, seq = on_device[step], seqs[step]
                 batch = task.take(idx, seq, rows[step] if rows else None)
                 sampled = gates.sample(gen)
-                hooks = mixing_hooks(site_masks(self.shape, sampled), ablation.values(idx, seq))
+                ablated = ablation.lazy_values(idx, seq)  # indexed inside each hook
+                hooks = mixing_hooks(site_masks(self.shape, sampled), ablated)
                 ckpt = blocks_to_checkpoint(cfg.checkpoint, cfg.checkpoint_budget_bytes, self.shape,
                                             *batch.clean.shape, full.element_size())  # fmt: skip
                 # Backward inside the hooks: checkpointed blocks rerun their gated forward there.
