@@ -20,7 +20,8 @@ from ..circuit import Circuit
 from ..objectives import answer_logits, fast_path_matches, kl_divergence
 from ..sites import frozen, model_device
 from ..tasks.base import PromptTask
-from .graph import EdgeGraph, _capture_names, _Weights, edge_forward
+from .edge_eval import masked_logits
+from .graph import EdgeGraph, _capture_names, _Weights
 
 DEFAULT_MAX_FORWARD_PASSES = 20_000
 
@@ -60,15 +61,8 @@ def acdc(
         full = answer_logits(model, task, batch_size=batch_size, fast=fast)
 
         def kl_of(mask: Tensor) -> float:
-            out = []
-            with torch.no_grad():
-                for s in range(0, len(task), batch_size):
-                    idx = torch.arange(s, min(s + batch_size, len(task)))
-                    part = task.subset(idx)
-                    values = ablation.values(idx, part.clean.shape[1])
-                    out.append(edge_forward(model, graph, part.clean.to(device), part.answer_pos,
-                                            mask, values, fast, weights=weights))  # fmt: skip
-            return kl_divergence(full, torch.cat(out)).item()
+            logits = masked_logits(model, graph, task, mask, ablation, weights, batch_size, fast)
+            return kl_divergence(full, logits).item()
 
         mask = torch.ones(graph.n_edges, device=device)
         current, tested = kl_of(mask), 1

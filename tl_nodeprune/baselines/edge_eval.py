@@ -31,19 +31,37 @@ def edge_logits(
     model: Any, graph: EdgeGraph, task: PromptTask, mask: Tensor, batch_size: int = 32
 ) -> Float[Tensor, "batch vocab"]:
     """Answer logits with edges weighted by `mask` (corrupted ablation), without gradient."""
-    device = model_device(model)
-    mask = mask.to(device)
     with frozen(model):
         weights = _Weights(model, graph.shape)
         ablation = Ablation(model, task, _capture_names(graph), "corrupted", batch_size)
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(task), batch_size):
-                idx = torch.arange(start, min(start + batch_size, len(task)))
-                part = task.subset(idx)
-                values = ablation.values(idx, part.clean.shape[1])
-                out.append(edge_forward(model, graph, part.clean.to(device), part.answer_pos,
-                                        mask, values, weights=weights))  # fmt: skip
+        return masked_logits(model, graph, task, mask, ablation, weights, batch_size)
+
+
+def masked_logits(
+    model: Any,
+    graph: EdgeGraph,
+    task: PromptTask,
+    mask: Tensor,
+    ablation: Ablation,
+    weights: _Weights,
+    batch_size: int = 32,
+    fast: bool = True,
+) -> Float[Tensor, "batch vocab"]:
+    """`edge_logits` from a prebuilt corrupted `ablation` and `weights`, without gradient.
+
+    Building those costs a forward pass and a copy of the weights; callers that score many
+    masks on one task (ACDC: one call per edge) build them once and call this.
+    """
+    device = model_device(model)
+    mask = mask.to(device)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(task), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(task)))
+            part = task.subset(idx)
+            values = ablation.values(idx, part.clean.shape[1])
+            out.append(edge_forward(model, graph, part.clean.to(device), part.answer_pos,
+                                    mask, values, fast, weights=weights))  # fmt: skip
     return torch.cat(out)
 
 
@@ -62,4 +80,4 @@ def evaluate_edges(
     return Evaluation.from_logits(task, full, kept, empty, "corrupted (edges)")
 
 
-__all__ = ["edge_logits", "edge_mask_of", "evaluate_edges"]
+__all__ = ["edge_logits", "edge_mask_of", "evaluate_edges", "masked_logits"]
