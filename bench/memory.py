@@ -5,6 +5,7 @@
 Methods, each one training step on a random GPT-2-small-shaped model (fp32), KL objective on
 the answer position, corrupted ablation with the corrupted activations cached up front:
   node:  NodePruner's step with attention-block, MLP-block, head and neuron gates;
+  node-ckpt: the same step with every block checkpointed (`PruneConfig(checkpoint=True)`);
   edge:  edge pruning's step (a hard-concrete mask on every edge, each reader's input rebuilt
          from every writer, `tl_nodeprune.baselines.graph`);
   floor: a frozen forward and backward with one hard-concrete mask per head.
@@ -18,6 +19,7 @@ Points whose memory, extrapolated from a smaller point of the same method, would
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,7 +31,7 @@ from pathlib import Path
 GIB = 2**30
 MAIN = [(12, 8, 64), (12, 32, 64)]  # (n_layers, batch, seq)
 SCALING = [(12, 8, 32), (12, 8, 128), (6, 8, 64), (24, 8, 64)]
-METHODS = ("floor", "node", "edge")
+METHODS = ("floor", "node", "node-ckpt", "edge")
 
 
 def _status(field: str) -> int:
@@ -46,6 +48,7 @@ def run_point(method: str, n_layers: int, batch: int, seq: int, device: str, ste
     from tl_nodeprune.ablation import Ablation, mixing_hooks, site_masks
     from tl_nodeprune.baselines.edge_pruning import EdgeMasks, EdgePruneConfig
     from tl_nodeprune.baselines.graph import EdgeGraph, _capture_names, _Weights, edge_forward
+    from tl_nodeprune.checkpoint import checkpointed_blocks
     from tl_nodeprune.gates import GateSet
     from tl_nodeprune.objectives import answer_logits, forward_answers, kl_divergence
     from tl_nodeprune.planted import tiny_model
@@ -85,28 +88,35 @@ def run_point(method: str, n_layers: int, batch: int, seq: int, device: str, ste
                                       ablation.values(idx, seq), weights=weights)  # fmt: skip
                 gap = params.expected_l0()["edges"] - 0.05
                 return kl_divergence(full, logits) + gap + gap**2
+
+            hooks = contextlib.nullcontext
         else:
-            grans = ("attn", "mlp", "head", "neuron") if method == "node" else ("head",)
+            node = method.startswith("node")
+            grans = ("attn", "mlp", "head", "neuron") if node else ("head",)
             params = GateSet(shape, grans, 3.0, device=device)
             names = [hook_name("head", layer) for layer in range(n_layers)]
-            if method == "node":
+            if node:
                 names = list(site_masks(shape, params.sample(sample_gen)))
             ablation = Ablation(model, task, names, "corrupted", batch)
 
             def loss_fn():
-                masks = site_masks(shape, params.sample(sample_gen))
-                hooks = mixing_hooks(masks, ablation.values(idx, seq))
-                logits = forward_answers(model, clean, task.answer_pos, hooks, fast=True)
+                logits = forward_answers(model, clean, task.answer_pos, fast=True)
                 l0 = params.expected_l0()
                 return kl_divergence(full, logits) + sum(l0.values())
 
+            def hooks():  # entered around forward and backward, as NodePruner.fit does
+                masks = site_masks(shape, params.sample(sample_gen))
+                return model.hooks(fwd_hooks=mixing_hooks(masks, ablation.lazy_values(idx, seq)))
+
         optimizer = torch.optim.Adam(params.parameters(), lr=0.1)
         times = []
+        count = None if method == "node-ckpt" else 0
         for _ in range(steps + 1):
             start = time.perf_counter()
-            loss = loss_fn()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with hooks(), checkpointed_blocks(model, count):  # recomputation stays gated
+                loss = loss_fn()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             if cuda:
                 torch.cuda.synchronize()
@@ -132,6 +142,8 @@ def main() -> None:
     p.add_argument("--limit-gib", type=float, default=18.0)
     p.add_argument("--out", default="docs")
     p.add_argument("--quick", action="store_true", help="only the 8x64 point (for a smoke run)")
+    p.add_argument("--machine-gib", type=float, default=24.0, help="for the largest-batch table")
+    p.add_argument("--rows", help="JSON lines of points measured before: reused, not re-run")
     p.add_argument("--point", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.point:
@@ -143,10 +155,17 @@ def main() -> None:
         return
     points = MAIN[:1] if args.quick else MAIN + SCALING
     rows: list[dict] = []
+    kept = (
+        [json.loads(line) for line in Path(args.rows).read_text().splitlines()] if args.rows else []
+    )
     for n_layers, batch, seq in sorted(points, key=lambda s: s[0] ** 2 * s[1] * s[2]):
         for method in METHODS:
             row = {"method": method, "n_layers": n_layers, "batch": batch, "seq": seq,
                    "device": args.device}  # fmt: skip
+            same = [r for r in kept if all(r[k] == row[k] for k in row)]
+            if same:  # measured by an earlier run of this script (--rows)
+                rows.append(same[0])
+                continue
             predicted = _predict(rows, row)
             if predicted is not None and predicted > args.limit_gib:
                 rows.append({**row, "extra_gib": None, "step_s": None,
@@ -169,14 +188,25 @@ def main() -> None:
 
 
 def _predict(rows: list[dict], row: dict) -> float | None:
-    """Extrapolate a method's memory from its largest measured point (edges grow as layers^2)."""
+    """A method's memory at `row`, scaled from each measured point; the largest such estimate.
+
+    Tokens scale memory linearly and layers linearly (edges: quadratically). The largest
+    estimate is taken because RSS peaks depend on the allocator (glibc returns large blocks to
+    the system at once but keeps smaller ones), so one point can read low. Points of the
+    same depth are used when there are any.
+    """
     done = [r for r in rows if r["method"] == row["method"] and r["status"] == "ok"]
     if not done:
         return None
-    ref = max(done, key=lambda r: r["batch"] * r["seq"] * r["n_layers"])
+    done = [r for r in done if r["n_layers"] == row["n_layers"]] or done  # nearest shape first
     power = 2 if row["method"] == "edge" else 1
-    scale = (row["batch"] * row["seq"]) / (ref["batch"] * ref["seq"])
-    return ref["extra_gib"] * scale * (row["n_layers"] / ref["n_layers"]) ** power
+    return max(
+        ref["extra_gib"]
+        * (row["batch"] * row["seq"])
+        / (ref["batch"] * ref["seq"])
+        * (row["n_layers"] / ref["n_layers"]) ** power
+        for ref in done
+    )
 
 
 def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
@@ -205,16 +235,51 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
         lines.append(f"| {r['n_layers']} | {r['batch']}x{r['seq']} | {r['method']} | {gib} | "
                      f"{sec} | {r['status']} |")  # fmt: skip
     lines += ["", "## Ratios (node pruning against edge pruning and the floor)", ""]
-    lines += ["| layers | batch x seq | node/edge memory | node/floor time |", "|---|---|---|---|"]
+    lines += [
+        "| layers | batch x seq | node/edge memory | node-ckpt/edge memory | node/floor time "
+        "| node-ckpt/floor time |",
+        "|---|---|---|---|---|---|",
+    ]
     ok = df[df.status == "ok"].set_index(["n_layers", "batch", "seq", "method"])
     for key in sorted({(r["n_layers"], r["batch"], r["seq"]) for r in rows}):
         get = lambda m, col, key=key: ok[col].get((*key, m))  # noqa: E731
-        node, edge = get("node", "extra_gib"), get("edge", "extra_gib")
-        tn, tf = get("node", "step_s"), get("floor", "step_s")
-        mem = f"{node / edge:.3f}" if node is not None and edge else "n/a"
-        tim = f"{tn / tf:.2f}" if tn is not None and tf else "n/a"
-        lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {mem} | {tim} |")
+        edge, floor = get("edge", "extra_gib"), get("floor", "step_s")
+        cells = []
+        for m in ("node", "node-ckpt"):
+            v = get(m, "extra_gib")
+            cells.append(f"{v / edge:.3f}" if v is not None and edge else "n/a")
+        for m in ("node", "node-ckpt"):
+            v = get(m, "step_s")
+            cells.append(f"{v / floor:.2f}" if v is not None and floor else "n/a")
+        lines.append(f"| {key[0]} | {key[1]}x{key[2]} | {' | '.join(cells)} |")
+    lines += _largest_batches(rows, args.machine_gib)
     (out / f"benchmark{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+RESERVED_GIB = 2.0  # the loaded model (about 1.1 GiB for GPT-2 small here), Python and the OS
+
+
+def _largest_batches(rows: list[dict], machine_gib: float) -> list[str]:
+    """Largest batch per measured sequence length (12 layers) that fits `machine_gib`.
+
+    Extrapolated linearly in tokens from the largest per-token reading of the method at that
+    sequence length or a shorter one (the conservative choice, see `_predict`).
+    """
+    ok = [r for r in rows if r["status"] == "ok" and r["n_layers"] == 12]
+    seqs = sorted({r["seq"] for r in ok})
+    budget = machine_gib - RESERVED_GIB
+    lines = ["", f"## Largest batch that fits {machine_gib:g} GiB (12 layers, extrapolated)", "",
+             f"Budget {budget:g} GiB of extra memory ({RESERVED_GIB:g} GiB kept for the loaded "
+             "model, Python and the OS); per-token memory as in `_largest_batches`.", "",
+             "| seq | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]  # fmt: skip
+    for seq in seqs:
+        cells = []
+        for m in METHODS:
+            per_token = [r["extra_gib"] / (r["batch"] * r["seq"]) for r in ok
+                         if r["method"] == m and r["seq"] <= seq]  # fmt: skip
+            cells.append(str(int(budget // (max(per_token) * seq))) if per_token else "n/a")
+        lines.append(f"| {seq} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
