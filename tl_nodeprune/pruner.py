@@ -87,6 +87,9 @@ class PruneConfig:
     validation prompts reaches the target (`tl_nodeprune.selection`; `selection_measure` "kl"
     scores 1 - KL(full || circuit) / KL(full || empty) instead of the task metric); without
     it, the circuit is the nodes whose deterministic gate exceeds `threshold`.
+
+    `lr_final` (off by default) lowers the gates' learning rate from `lr` to `lr_final` along a
+    cosine over the run, so that late steps move gates less than early ones.
     """
 
     steps: int = 300
@@ -113,6 +116,7 @@ class PruneConfig:
     validation_fraction: float = 0.25
     selection_measure: Measure = "metric"
     log_alpha_bounds: tuple[float, float] | None = None
+    lr_final: float | None = None
 
     def __post_init__(self) -> None:
         if self.target_faithfulness is not None and not 0 < self.target_faithfulness <= 1:
@@ -146,6 +150,10 @@ class PruneConfig:
         if not (isinstance(self.cache_bytes, int) and self.cache_bytes >= 0):
             raise ValueError(
                 f"PruneConfig.cache_bytes must be an int >= 0, got {self.cache_bytes!r}."
+            )
+        if self.lr_final is not None and not 0 < self.lr_final <= self.lr:
+            raise ValueError(
+                f"PruneConfig.lr_final must be None or in (0, lr={self.lr}], got {self.lr_final!r}."
             )
         for name in ("lr", "lagrangian_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
@@ -261,6 +269,7 @@ class NodePruner:
         )
         sparsity = _Sparsity(cfg, self.shape, self.granularities, device)
         optimizer = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
+        schedule = _cosine(optimizer, cfg) if cfg.lr_final is not None else None
         history = _History(cfg)
         with frozen(model):
             names = list(site_masks(self.shape, gates.sample(gen)))
@@ -294,6 +303,8 @@ class NodePruner:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 if cfg.log_alpha_bounds is not None:
                     gates.clamp_(*cfg.log_alpha_bounds)
                 sparsity.ascend(l0, step)
@@ -327,6 +338,17 @@ class NodePruner:
             circuit = selection.circuit
         seconds = time.perf_counter() - start
         return PruneResult(circuit, history.frame(), log_alpha, cfg, seconds, selection)
+
+
+def _cosine(optimizer: torch.optim.Optimizer, cfg: PruneConfig) -> Any:
+    """Learning rate from `cfg.lr` at the first step to `cfg.lr_final` at the last, as a cosine."""
+    low = (cfg.lr_final or cfg.lr) / cfg.lr
+    span = max(1, cfg.steps - 1)
+
+    def factor(step: int) -> float:
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(step, span) / span))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _batches(gen: torch.Generator, n: int, batch_size: int) -> Iterator[Tensor]:
