@@ -181,7 +181,7 @@ class Ablation:
             assert self._cache is not None
             return {n: v[:seq] for n, v in self._cache.items()}
         if self._cache is not None:
-            return {n: v[idx.to(v.device), :seq] for n, v in self._cache.items()}
+            return {n: _rows(v, idx, seq) for n, v in self._cache.items()}
         tokens = self.task.corrupted[idx.to(self.device), :seq]
         return dict(capture(self.model, tokens, self.names))
 
