@@ -151,15 +151,15 @@ class PruneConfig:
             raise ValueError(
                 f"PruneConfig.cache_bytes must be an int >= 0, got {self.cache_bytes!r}."
             )
-        if self.lr_final is not None and not 0 < self.lr_final <= self.lr:
-            raise ValueError(
-                f"PruneConfig.lr_final must be None or in (0, lr={self.lr}], got {self.lr_final!r}."
-            )
         for name in ("lr", "lagrangian_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(
                     f"PruneConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}."
                 )
+        if self.lr_final is not None and not 0 < self.lr_final <= self.lr:
+            raise ValueError(
+                f"PruneConfig.lr_final must be None or in (0, lr={self.lr}], got {self.lr_final!r}."
+            )
         if not (self.lagrangian_rho >= 0 and math.isfinite(self.lagrangian_rho)):
             raise ValueError(
                 "PruneConfig.lagrangian_rho must be a finite number >= 0, got "
@@ -269,7 +269,9 @@ class NodePruner:
         )
         sparsity = _Sparsity(cfg, self.shape, self.granularities, device)
         optimizer = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
-        schedule = _cosine(optimizer, cfg) if cfg.lr_final is not None else None
+        schedule = None
+        if cfg.lr_final is not None:
+            schedule = _cosine(optimizer, cfg.lr_final / cfg.lr, cfg.steps)
         history = _History(cfg)
         with frozen(model):
             names = list(site_masks(self.shape, gates.sample(gen)))
@@ -340,10 +342,9 @@ class NodePruner:
         return PruneResult(circuit, history.frame(), log_alpha, cfg, seconds, selection)
 
 
-def _cosine(optimizer: torch.optim.Optimizer, cfg: PruneConfig) -> Any:
-    """Learning rate from `cfg.lr` at the first step to `cfg.lr_final` at the last, as a cosine."""
-    low = (cfg.lr_final or cfg.lr) / cfg.lr
-    span = max(1, cfg.steps - 1)
+def _cosine(optimizer: torch.optim.Optimizer, low: float, steps: int) -> Any:
+    """The optimizer's rate times 1 at the first step down to `low` at the last, as a cosine."""
+    span = max(1, steps - 1)
 
     def factor(step: int) -> float:
         return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(step, span) / span))
