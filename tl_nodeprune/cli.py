@@ -17,7 +17,7 @@ from .evaluate import evaluate
 from .pruner import NodePruner, PruneConfig
 from .sites import GRANULARITIES
 
-TASKS = ("ioi", "greater_than")
+TASKS = ("ioi", "ioi_independent", "greater_than")
 PLANTED = "planted"
 DEFAULT_PROMPTS = 200
 
@@ -37,7 +37,8 @@ def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
     from .models import load_model
 
     model = load_model(args.model, device=args.device)
-    make = {"ioi": tasks.ioi, "greater_than": tasks.greater_than}[args.task]
+    make = {"ioi": tasks.ioi, "ioi_independent": tasks.ioi_independent,
+            "greater_than": tasks.greater_than}[args.task]  # fmt: skip
     return model, make(model, n=args.n_prompts, seed=args.seed)
 
 

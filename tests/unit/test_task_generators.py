@@ -30,10 +30,19 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tl_nodeprune.tasks import PromptTask, greater_than, ioi
+from tl_nodeprune.tasks import PromptTask, greater_than, ioi, ioi_independent
 from tl_nodeprune.tasks.base import PAD_ANSWER
 from tl_nodeprune.tasks.greater_than import CENTURIES, NOUNS
-from tl_nodeprune.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
+from tl_nodeprune.tasks.ioi import (
+    INDEPENDENT_NAMES,
+    INDEPENDENT_OBJECTS,
+    INDEPENDENT_PLACES,
+    INDEPENDENT_TEMPLATES,
+    NAMES,
+    OBJECTS,
+    PLACES,
+    TEMPLATES,
+)
 
 # Left out of the BPE vocabulary: none is a prefix of a kept word, so each splits.
 LEFT_OUT = ("Christopher", "Stephanie", "Elizabeth", "Nicholas", "restaurant", "camera", "siege")
@@ -67,7 +76,9 @@ def _bpe_tokenizer(folder: Any, two_digit: bool) -> PreTrainedTokenizerFast:
             add(f"Ġ{century}")
         for y in range(100):
             add(f"{y:02d}")
-    for word in (*NAMES, *PLACES, *OBJECTS, *NOUNS, "and", "to", "the", "year", "gave"):
+    independent = (*INDEPENDENT_NAMES, *INDEPENDENT_PLACES, *INDEPENDENT_OBJECTS)
+    common = ("and", "to", "the", "year", "gave")
+    for word in (*NAMES, *PLACES, *OBJECTS, *independent, *NOUNS, *common):
         if word not in LEFT_OUT:
             add("Ġ" + word)
     core = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=merges))
@@ -242,6 +253,32 @@ def test_ioi_rejects_bad_arguments(bpe_two_digit: Case) -> None:
         ioi(bpe_two_digit.model, templates=["Then, {A} and {B} left. {C} gave it to"])
     custom = ioi(bpe_two_digit.model, n=4, templates=["Then {A} and {B} met, and {S} gave it to"])
     assert all(p.startswith("Then ") and p.endswith("gave it to") for p in custom.prompts)
+
+
+def test_ioi_independent_shares_no_template_or_word_with_ioi(case: Case) -> None:
+    pools = {"names": (NAMES, INDEPENDENT_NAMES), "places": (PLACES, INDEPENDENT_PLACES),
+             "objects": (OBJECTS, INDEPENDENT_OBJECTS)}  # fmt: skip
+    for what, (tuned, other) in pools.items():
+        assert not set(tuned) & set(other), what
+    frames = {re.sub(r"\{\w+\}", "_", t) for t in TEMPLATES}
+    assert not frames & {re.sub(r"\{\w+\}", "_", t) for t in INDEPENDENT_TEMPLATES}
+    model = case.model
+    task = ioi_independent(model, n=2 * len(INDEPENDENT_TEMPLATES), seed=5)
+    assert task.name == "ioi" and len(task) == 2 * len(INDEPENDENT_TEMPLATES)
+    _corrupted_texts(task, model)  # clean and corrupted prompts have equal lengths
+    used = set()
+    for i, prompt in enumerate(task.prompts):
+        io, s = (_text(model, t[i]).strip() for t in (task.correct, task.incorrect))
+        assert io in INDEPENDENT_NAMES and s in INDEPENDENT_NAMES and io != s
+        assert not set(re.findall(r"[A-Z][a-z]+", prompt)) & set(NAMES)
+        names = re.findall(rf"\b(?:{io}|{s})\b", prompt)
+        assert sorted(names) == sorted([io, s, s])  # IO once, S twice
+        used |= {t for t in INDEPENDENT_TEMPLATES if re.fullmatch(_pattern(t), prompt)}
+    assert used == set(INDEPENDENT_TEMPLATES)  # every template, once per order
+
+
+def _pattern(template: str) -> str:
+    return re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(template))
 
 
 def test_greater_than_answer_sets(case: Case) -> None:

@@ -2,6 +2,6 @@
 
 from .base import PromptTask
 from .greater_than import greater_than
-from .ioi import ioi
+from .ioi import ioi, ioi_independent
 
-__all__ = ["PromptTask", "greater_than", "ioi"]
+__all__ = ["PromptTask", "greater_than", "ioi", "ioi_independent"]

@@ -63,6 +63,40 @@ OBJECTS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+# A second, disjoint set for checking circuits on prompts nobody tuned on (`ioi_independent`):
+# other sentence frames and verbs, other names, places and objects.
+INDEPENDENT_TEMPLATES: tuple[str, ...] = (
+    "Last night, {A} and {B} had dinner at the {PLACE}. {S} passed the {OBJECT} over to",
+    "Because {A} and {B} were late for the {PLACE}, {S} handed the {OBJECT} to",
+    "In the morning {A} and {B} drove to the {PLACE}, and {S} gave a {OBJECT} to",
+    "Today, {A} and {B} stood outside the {PLACE}. After a while, {S} gave the {OBJECT} to",
+    "At the {PLACE}, {A} and {B} could not stop laughing. {S} handed a {OBJECT} to",
+    "Before {A} and {B} left the {PLACE}, {S} mailed a {OBJECT} to",
+    "It was raining when {A} and {B} came to the {PLACE}, so {S} lent the {OBJECT} to",
+    "During the trip to the {PLACE}, {A} and {B} argued. Then {S} threw a {OBJECT} at",
+    "Sadly, {A} and {B} were bored at the {PLACE}. {S} read the {OBJECT} aloud to",
+    "On the way to the {PLACE}, {A} and {B} stopped. {S} showed the {OBJECT} to",
+)
+INDEPENDENT_NAMES: tuple[str, ...] = (
+    "Oliver", "Harry", "Charlie", "Noah", "Liam", "Ethan", "Mason", "Logan", "Lucas", "Owen",
+    "Tyler", "Kyle", "Aaron", "Nathan", "Justin", "Dylan", "Grace", "Chloe", "Ella", "Mia",
+    "Zoe", "Ruby", "Leah", "Eva", "Ava", "Lily", "Holly", "Megan", "Jane", "Ruth", "Rose",
+    "Jenny", "Tina", "Wendy", "Fiona", "Dean", "Roy", "Leo", "Max", "Ted", "Fred", "Neil",
+    "Phil", "Ray", "Tony", "Larry", "Gary", "Bruce", "Keith", "Roger", "Walter", "Howard",
+    "Arthur", "Albert", "Louis", "Victor", "Oscar", "Hugo", "Felix", "Bill", "Ann", "Jean",
+    "Joan", "Carol", "Betty",
+)  # fmt: skip
+INDEPENDENT_PLACES: tuple[str, ...] = (
+    "harbor", "bridge", "castle", "village", "forest", "river", "temple", "palace", "barn",
+    "tower", "clinic", "studio", "garage", "cinema", "pool", "shop", "club", "court", "camp",
+)  # fmt: skip
+INDEPENDENT_OBJECTS: tuple[str, ...] = (
+    "knife", "vase", "rope", "candle", "blanket", "wallet", "spoon", "hammer", "mirror",
+    "pillow", "violin", "towel", "radio", "puzzle", "scarf", "belt", "fork", "cookie", "glove",
+    "clock", "sock", "tie", "newspaper", "magazine", "sandwich", "present", "picture",
+)  # fmt: skip
+
+
 def ioi(
     model: Any,
     n: int = 64,
@@ -79,15 +113,38 @@ def ioi(
     with the same clean prompts for either corruption. Own `templates` use {A}, {B} (the first
     mentions), {S} (the subject again) and optionally {PLACE}, {OBJECT}; see `TEMPLATES`.
     """
+    pools = (NAMES, PLACES, OBJECTS)
+    return _ioi(model, n, seed, corruption, TEMPLATES if templates is None else templates, pools)
+
+
+def ioi_independent(
+    model: Any, n: int = 64, seed: int = 0, corruption: Corruption = "abc"
+) -> PromptTask:
+    """IOI from a second set of templates, names, places and objects, none shared with `ioi`'s.
+
+    For checking a circuit (or a default setting) on prompts it was not tuned on: a circuit
+    found with `ioi` that only fits `ioi`'s templates or names loses faithfulness here.
+    """
+    pools = (INDEPENDENT_NAMES, INDEPENDENT_PLACES, INDEPENDENT_OBJECTS)
+    return _ioi(model, n, seed, corruption, INDEPENDENT_TEMPLATES, pools)
+
+
+def _ioi(
+    model: Any,
+    n: int,
+    seed: int,
+    corruption: Corruption,
+    templates: Sequence[str],
+    pools: tuple[Sequence[str], Sequence[str], Sequence[str]],
+) -> PromptTask:
+    """The IOI generator over given templates and (names, places, objects) pools."""
     if corruption not in CORRUPTIONS:
         raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}.")
     if n < 1:
         raise ValueError(f"n must be a positive number of prompts, got {n}.")
-    templates = tuple(TEMPLATES if templates is None else templates)
+    templates = tuple(templates)
     _check_templates(templates)
-    names = single_token_words(model, NAMES)
-    places = single_token_words(model, PLACES)
-    objects = single_token_words(model, OBJECTS)
+    names, places, objects = (single_token_words(model, pool) for pool in pools)
     for what, pool, k in (("names", names, 5), ("places", places, 1), ("objects", objects, 1)):
         if len(pool) < k:
             raise ValueError(
