@@ -3,11 +3,12 @@
     PYTHONPATH=. python bench/quality_smollm2.py --task ioi --seeds 0 1 2 \
         [--cfg '{"lr_final": 0.02}'] [--tag cos] [--out out/quality.jsonl]
 
-Per seed N, as `tl-nodeprune discover --seed N` does: 200 generated prompts drawn with seed N,
-split 0.5 (100 to train, 100 held out), `NodePruner(model, PruneConfig(seed=N, **cfg))`. Prints
-and appends kept nodes per granularity, held-out faithfulness and KL, and the training time;
-saves the learned log_alphas beside the output (`out/quality_TAG_TASK_N.pt`) for later
-threshold studies.
+Per seed N, as `tl-nodeprune discover --seed N` does: `--n-prompts` (200) prompts drawn with
+seed N, split at `--train-fraction` (0.5: 100 to train, 100 held out), then
+`NodePruner(model, PruneConfig(seed=N, **cfg))`. Prints and appends kept nodes per granularity,
+held-out faithfulness and KL (the same on up to 200 of the training prompts and, for IOI, on
+as many `ioi_independent` prompts as are held out), and the training time; saves the learned
+log_alphas beside the output (`out/quality_TAG_TASK_N.pt`) for later threshold studies.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def main() -> None:
     p.add_argument("--task", default="ioi", choices=("ioi", "greater_than"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--cfg", default="{}", help="JSON of PruneConfig overrides")
+    p.add_argument("--n-prompts", type=int, default=200, help="generated per seed")
+    p.add_argument("--train-fraction", type=float, default=0.5, help="the rest is held out")
     p.add_argument("--tag", default="run")
     p.add_argument("--out", default="out/quality.jsonl")
     args = p.parse_args()
@@ -37,22 +40,35 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         torch.manual_seed(seed)
-        train, held_out = make(model, n=200, seed=seed).split(0.5, seed=seed)
+        task = make(model, n=args.n_prompts, seed=seed)
+        train, held_out = task.split(args.train_fraction, seed=seed)
         config = tnp.PruneConfig(seed=seed, progress=False, **overrides)
         start = time.perf_counter()
         result = tnp.NodePruner(model, config).fit(train)
         seconds = time.perf_counter() - start
         evaluation = tnp.evaluate(model, result.circuit, held_out)
+        # The same circuit on its training prompts (the generalisation gap) and, for IOI, on
+        # the independent templates and names it was not tuned on.
+        on_train = tnp.evaluate(model, result.circuit, train.subset(range(min(len(train), 200))))
+        extra = {"f_train": round(on_train.faithfulness, 4), "kl_train": round(on_train.kl, 4)}
+        if args.task == "ioi":
+            independent = tnp.tasks.ioi_independent(model, n=len(held_out), seed=seed)
+            on_independent = tnp.evaluate(model, result.circuit, independent)
+            extra |= {"f_independent": round(on_independent.faithfulness, 4),
+                      "kl_independent": round(on_independent.kl, 4)}  # fmt: skip
         summary = result.circuit.summary()
         row = {
             "tag": args.tag,
             "task": args.task,
             "seed": seed,
             "cfg": overrides,
+            "n_prompts": args.n_prompts,
+            "train_fraction": args.train_fraction,
             "fit_s": round(seconds, 1),
             "kept": {g: int(summary.loc[g, "kept"]) for g in summary.index},
             "f": round(evaluation.faithfulness, 4),
             "kl": round(evaluation.kl, 4),
+            **extra,
         }
         torch.save(result.log_alpha, out.with_name(f"quality_{args.tag}_{args.task}_{seed}.pt"))
         print(json.dumps(row), flush=True)
