@@ -274,7 +274,7 @@ def test_ioi_independent_shares_no_template_or_word_with_ioi(case: Case) -> None
         names = re.findall(rf"\b(?:{io}|{s})\b", prompt)
         assert sorted(names) == sorted([io, s, s])  # IO once, S twice
         used |= {t for t in INDEPENDENT_TEMPLATES if re.fullmatch(_pattern(t), prompt)}
-    assert used == set(INDEPENDENT_TEMPLATES)  # every template, once per order
+    assert used == set(INDEPENDENT_TEMPLATES)  # every template used (balance: the ioi test)
 
 
 def _pattern(template: str) -> str:
