@@ -18,7 +18,9 @@ ABLATIONS: tuple[str, ...] = ("corrupted", "mean", "zero")
 HookFn = Callable[..., Tensor]
 # An ablated value, or a function that makes it when the hook runs (see `Ablation.lazy_values`).
 Ablated = Tensor | Callable[[], Tensor] | None
-DEFAULT_CACHE_BYTES = 2**31  # corrupted activations cached up front when they fit in 2 GiB
+# Corrupted activations are cached up front when they fit in 8 GiB and in half the memory free
+# on the model's device: SmolLM2-135M's 600 default training prompts take 4.2 GiB.
+DEFAULT_CACHE_BYTES = 2**33
 
 
 def check_ablation(kind: str) -> None:
@@ -70,6 +72,29 @@ def mixing_hooks(masks: dict[str, Tensor], ablated: dict[str, Ablated]) -> list[
     return [(name, _mix_hook(mask, ablated.get(name))) for name, mask in masks.items()]
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free on `device` now: CUDA's own count, psutil's for the host (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def cache_limit(device: torch.device, cache_bytes: int) -> int:
+    """The most a cache may take: `cache_bytes`, and never more than half the free memory.
+
+    Half, because the step that reads the cache needs room of its own; past the limit the
+    corrupted activations are recomputed each step, slower but without running out of memory.
+    """
+    free = free_bytes(device)
+    return cache_bytes if free is None else min(cache_bytes, free // 2)
+
+
 class _AllCaptured(Exception):
     """Ends a capturing forward pass once every requested activation is stored."""
 
@@ -103,9 +128,10 @@ def capture(model: Any, tokens: Tensor, names: list[str]) -> dict[str, Tensor]:
 class Ablation:
     """Ablated values per gated hook for a task.
 
-    Corrupted activations are cached up front when they fit in `cache_bytes` and recomputed
-    batch by batch otherwise; mean activations are accumulated batch by batch, so only one
-    batch of activations is ever alive. Every value lives on the device of its own hook.
+    Corrupted activations are cached up front when they fit in `cache_limit` (`cache_bytes`, at
+    most half the free memory) and recomputed batch by batch otherwise; mean activations are
+    accumulated batch by batch, so only one batch of activations is ever alive. Every value
+    lives on the device of its own hook.
     """
 
     def __init__(
@@ -124,7 +150,7 @@ class Ablation:
         self._cache: dict[str, Tensor] | None = None
         if kind == "mean":
             self._cache = self._position_means(batch_size)
-        elif kind == "corrupted" and self.cache_size() <= cache_bytes:
+        elif kind == "corrupted" and self.cache_size() <= cache_limit(self.device, cache_bytes):
             self._cache = self._gather(self.task.corrupted, batch_size)
 
     def cache_size(self) -> int:

@@ -50,3 +50,20 @@ def test_lazy_values_give_the_eager_logits_and_gradients(flavour):
     for a, b in zip(lazy_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
     assert any(g.abs().sum() > 0 for g in eager_grads)  # the comparison is not of zeros
+
+
+def test_cache_stays_under_half_the_free_memory(monkeypatch, flavour):
+    problem = planted_problem(flavour, seed=3, n_prompts=6)
+    model, task = problem.model, problem.task
+    names = list(_masks(model))
+    size = Ablation(model, task, names, "corrupted").cache_size()
+    # room for the cache twice over: cached; less than that free: recomputed per batch, with
+    # the same values, however large cache_bytes is
+    monkeypatch.setattr(tnp.ablation, "free_bytes", lambda device: 2 * size)
+    roomy = Ablation(model, task, names, "corrupted", cache_bytes=2**40)
+    monkeypatch.setattr(tnp.ablation, "free_bytes", lambda device: 2 * size - 2)
+    tight = Ablation(model, task, names, "corrupted", cache_bytes=2**40)
+    assert roomy.cached and not tight.cached
+    idx, seq = torch.tensor([0, 2, 5]), task.clean.shape[1]
+    for name, value in roomy.values(idx, seq).items():
+        torch.testing.assert_close(tight.values(idx, seq)[name], value, rtol=1e-5, atol=1e-6)
