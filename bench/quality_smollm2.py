@@ -3,8 +3,8 @@
     PYTHONPATH=. python bench/quality_smollm2.py --task ioi --seeds 0 1 2 \
         [--cfg '{"lr_final": 0.02}'] [--tag cos] [--out out/quality.jsonl]
 
-Per seed N, as `tl-nodeprune discover --seed N` does: `--n-prompts` (200) prompts drawn with
-seed N, split at `--train-fraction` (0.5: 100 to train, 100 held out), then
+Per seed N, as `tl-nodeprune discover --seed N` does: `--n-prompts` (800) prompts drawn with
+seed N, split at `--train-fraction` (0.75: 600 to train, 200 held out), then
 `NodePruner(model, PruneConfig(seed=N, **cfg))`. Prints and appends kept nodes per granularity,
 held-out faithfulness and KL (the same on up to 200 of the training prompts and, for IOI, on
 as many `ioi_independent` prompts as are held out), and the training time; saves the learned
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import tl_nodeprune as tnp
+from tl_nodeprune.cli import DEFAULT_PROMPTS, DEFAULT_TRAIN_FRACTION
 
 
 def main() -> None:
@@ -28,8 +29,10 @@ def main() -> None:
     p.add_argument("--task", default="ioi", choices=("ioi", "greater_than"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--cfg", default="{}", help="JSON of PruneConfig overrides")
-    p.add_argument("--n-prompts", type=int, default=200, help="generated per seed")
-    p.add_argument("--train-fraction", type=float, default=0.5, help="the rest is held out")
+    p.add_argument("--n-prompts", type=int, default=DEFAULT_PROMPTS, help="generated per seed")
+    p.add_argument(
+        "--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION, help="the rest is held out"
+    )
     p.add_argument("--tag", default="run")
     p.add_argument("--out", default="out/quality.jsonl")
     args = p.parse_args()

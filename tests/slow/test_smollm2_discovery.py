@@ -1,4 +1,4 @@
-"""One IOI discovery run on the offline SmolLM2-135M with the CLI's defaults (minutes on CPU)."""
+"""IOI discovery on the offline SmolLM2-135M with the CLI's defaults, per seed (minutes on CPU)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 
+from tl_nodeprune import Circuit
 from tl_nodeprune.cli import main
 
 pytestmark = [
@@ -17,14 +18,17 @@ pytestmark = [
 ]
 
 
-def test_ioi_circuit_is_small_and_faithful_on_held_out_prompts(tmp_path, capsys):
+# The goal for the defaults is held-out f >= 0.9 with at most 15% of heads and 5% of neurons
+# for every seed; seeds 0 and 1 meet it, seed 2 does not quite (f 0.892, 5.1% of neurons;
+# docs/quality.md, section 6). So this asserts the level all three reach, on two seeds to keep
+# CI's time: a change that makes circuits larger or less faithful for either seed fails here.
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ioi_circuit_is_small_and_faithful_on_held_out_prompts(seed, tmp_path, capsys):
     out = tmp_path / "ioi.json"
-    assert main(["discover", "--model", "smollm2-135m", "--task", "ioi", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    print(printed)
-    from tl_nodeprune import Circuit
-
+    argv = ["discover", "--model", "smollm2-135m", "--task", "ioi", "--seed", str(seed)]
+    assert main([*argv, "--out", str(out)]) == 0
+    print(capsys.readouterr().out)
     circuit = Circuit.load(out)
-    assert circuit.fraction("head") <= 0.20
-    assert circuit.fraction("neuron") <= 0.30
-    assert circuit.meta["held_out"]["faithfulness"] >= 0.8
+    assert circuit.fraction("head") <= 0.15
+    assert circuit.fraction("neuron") <= 0.055
+    assert circuit.meta["held_out"]["faithfulness"] >= 0.85
