@@ -256,6 +256,10 @@ class NodePruner:
         if cfg.target_faithfulness is not None:
             task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
         device = model_device(model)
+        # Passes without gradient (ablation cache, full logits, selection scores) keep no
+        # activations for backward, so they take twice the training batch: fewer passes over
+        # the weights for the same prompts.
+        nograd = 2 * cfg.batch_size
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         order = _batches(torch.Generator().manual_seed(cfg.seed), len(task), cfg.batch_size)
         # Every step's examples and prompt length, decided on the host before the loop and
@@ -285,9 +289,6 @@ class NodePruner:
                 lambda hooks: capture(model, task.clean[:1, :1].to(device), hooks),
             )
             task = task.to(device)
-            # Passes without gradient keep no activations for backward, so they take twice the
-            # training batch: fewer passes over the weights for the same prompts.
-            nograd = 2 * cfg.batch_size
             ablation = Ablation(model, task, names, cfg.ablation, nograd, cfg.cache_bytes)
             fast = fast_path_matches(model, task)
             full = answer_logits(model, task, batch_size=nograd, fast=fast)
@@ -336,8 +337,7 @@ class NodePruner:
         selection = None
         if validation is not None and cfg.target_faithfulness is not None:
             score = faithfulness_scorer(
-                model, validation, self.granularities, cfg.ablation, cfg.batch_size,
-                cfg.selection_measure,
+                model, validation, self.granularities, cfg.ablation, nograd, cfg.selection_measure,
             )  # fmt: skip
             selection = select_smallest(
                 log_alpha, self.shape, score, cfg.target_faithfulness, cfg.hard_concrete,
