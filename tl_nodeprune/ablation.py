@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
+import psutil
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -73,14 +74,10 @@ def mixing_hooks(masks: dict[str, Tensor], ablated: dict[str, Ablated]) -> list[
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory free on `device` now: CUDA's own count, psutil's for the host (None if unknown)."""
+    """Memory free on `device` now: CUDA's own count, psutil's for the host, None elsewhere."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
-        return None
-    try:
-        import psutil
-    except ImportError:
         return None
     return int(psutil.virtual_memory().available)
 
