@@ -26,7 +26,7 @@ discover: install
 	$(VENV)/bin/tl-nodeprune discover --model smollm2-135m --task ioi --out out/ioi_circuit.json --report
 
 test: install
-	$(VENV)/bin/ruff check tl_nodeprune tests bench
+	$(VENV)/bin/ruff check tl_nodeprune tests bench notebooks
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -m "not slow"
 	$(if $(SLOW),$(VENV)/bin/pytest -m slow)
 
