@@ -3,8 +3,8 @@
     PYTHONPATH=. python bench/quality_smollm2.py --task ioi --seeds 0 1 2 \
         [--cfg '{"lr_final": 0.02}'] [--tag cos] [--out out/quality.jsonl]
 
-Per seed N, as `tl-nodeprune discover --seed N` does: `--n-prompts` (800) prompts drawn with
-seed N, split at `--train-fraction` (0.75: 600 to train, 200 held out), then
+Per seed N, as `tl-nodeprune discover --seed N` does: `--n-prompts` (1,000) prompts drawn with
+seed N, split at `--train-fraction` (0.8: 800 to train, 200 held out), then
 `NodePruner(model, PruneConfig(seed=N, **cfg))`. Prints and appends kept nodes per granularity,
 held-out faithfulness and KL (the same on up to 200 of the training prompts and, for IOI, on
 as many `ioi_independent` prompts as are held out), and the training time; saves the learned

@@ -18,17 +18,17 @@ pytestmark = [
 ]
 
 
-# The goal for the defaults is held-out f >= 0.9 with at most 15% of heads and 5% of neurons
-# for every seed; seeds 0 and 1 meet it, seed 2 does not quite (f 0.892, 5.1% of neurons;
-# docs/quality.md, section 6). So this asserts the level all three reach, on two seeds to keep
-# CI's time: a change that makes circuits larger or less faithful for either seed fails here.
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ioi_circuit_is_small_and_faithful_on_held_out_prompts(seed, tmp_path, capsys):
+# The goal for the defaults (issue 9): held-out f >= 0.9 with at most 15% of heads and 5% of
+# neurons for every seed. Seeds 0, 1, 2 meet it with 13% of heads, 4.3-4.6% of neurons and
+# f 0.943-1.142 (docs/quality.md, section 7): a change that makes any of them larger or less
+# faithful fails here.
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ioi_circuit_meets_the_goal_on_held_out_prompts(seed, tmp_path, capsys):
     out = tmp_path / "ioi.json"
     argv = ["discover", "--model", "smollm2-135m", "--task", "ioi", "--seed", str(seed)]
     assert main([*argv, "--out", str(out)]) == 0
     print(capsys.readouterr().out)
     circuit = Circuit.load(out)
     assert circuit.fraction("head") <= 0.15
-    assert circuit.fraction("neuron") <= 0.055
-    assert circuit.meta["held_out"]["faithfulness"] >= 0.85
+    assert circuit.fraction("neuron") <= 0.05
+    assert circuit.meta["held_out"]["faithfulness"] >= 0.9
