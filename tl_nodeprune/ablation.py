@@ -20,7 +20,7 @@ HookFn = Callable[..., Tensor]
 # An ablated value, or a function that makes it when the hook runs (see `Ablation.lazy_values`).
 Ablated = Tensor | Callable[[], Tensor] | None
 # Corrupted activations are cached up front when they fit in 8 GiB and in half the memory free
-# on the model's device: SmolLM2-135M's 800 default training prompts take 5.6 GiB.
+# on the model's device: SmolLM2-135M's 800 default training prompts take about 5.6 GiB.
 DEFAULT_CACHE_BYTES = 2**33
 
 

@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 # worth to a circuit does not depend on how many siblings it has, so the default penalty on
 # the *mean* expected L0 is this price times the number of units: the same defaults then work
 # on a 3-layer toy and on a 30-layer model. The head and neuron prices are 3 and 2.86 times those
-# first chosen: with 150 steps of 8 on 800 prompts, SmolLM2 IOI circuits keep 13-14% of heads
-# and 4.4-4.6% of neurons at held-out f >= 0.94 over seeds 0-2 (docs/quality.md, section 7).
+# first chosen: with 150 steps of 8 on 800 prompts, SmolLM2 IOI circuits keep 13% of heads
+# and 4.3-4.6% of neurons at held-out f >= 0.94 over seeds 0-2 (docs/quality.md, section 7).
 DEFAULT_NODE_COST: dict[str, float] = {
     "attn": 0.03,
     "mlp": 0.03,
