@@ -2,9 +2,9 @@
 
     PYTHONPATH=. python bench/baselines_smollm2.py edge_pruning --kwargs '{"steps": 300}'
 
-The prompts and the held-out half are those `make discover` used before its defaults moved to
-800 prompts (200 IOI prompts, seed 0, split 0.5), so every baseline is scored on the prompts
-the README's node-pruning row (the defaults of that time) is.
+The prompts and the held-out half are those `make discover` used under its earliest defaults
+(200 IOI prompts, seed 0, split 0.5), so every baseline is scored on the prompts the README's
+node-pruning row (the defaults of that time) is.
 `--train-prompts K` gives the method only the first K training prompts (for the costly ones).
 Writes `out/baselines/<method>.json` (the circuit) and `out/baselines/<method>_eval.json`
 (held-out faithfulness with nodes ablated, and with edges ablated for edge circuits).
