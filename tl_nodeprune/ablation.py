@@ -11,7 +11,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from .sites import ModelShape, hook_name, model_device
+from .granularities import SPECS
+from .sites import ModelShape, model_device
 from .tasks.base import PromptTask
 
 AblationKind = Literal["corrupted", "mean", "zero"]
@@ -32,19 +33,22 @@ def check_ablation(kind: str) -> None:
 def site_masks(shape: ModelShape, gates: dict[str, Tensor]) -> dict[str, Tensor]:
     """Per hook, the gate tensor that mixes clean and ablated values there.
 
-    Block gates act on the block output; head and head_dim gates multiply at `hook_z`
-    (hierarchy inside one hook); neuron gates act on `mlp.hook_post`.
+    A layer's gates broadcast over the activation axes after their unit axes (a head's gate
+    over its d_head values); granularities gated at the same hook multiply, coarse first (heads
+    and head value dimensions both at `hook_z`: the hierarchy inside one hook).
     """
     masks: dict[str, Tensor] = {}
     for layer in range(shape.n_layers):
-        for g in ("attn", "mlp", "neuron"):
-            if g in gates:
-                masks[hook_name(g, layer)] = gates[g][layer]
-        if "head" in gates or "head_dim" in gates:
-            z = gates["head"][layer][:, None] if "head" in gates else None  # head -> (head, 1)
-            if "head_dim" in gates:
-                z = gates["head_dim"][layer] if z is None else z * gates["head_dim"][layer]
-            masks[hook_name("head", layer)] = z
+        for g in SPECS:
+            if g not in gates:
+                continue
+            s = SPECS[g]
+            mask = gates[g][layer]
+            if mask.dim():  # (units...) -> (units..., 1...) against the activation's axes
+                pad = len(s.activation_axes) - mask.dim()
+                mask = mask.reshape(*mask.shape, *([1] * pad))
+            name = s.hook_name(layer)
+            masks[name] = mask if name not in masks else masks[name] * mask
     return masks
 
 
@@ -52,7 +56,7 @@ def _mix_hook(mask: Tensor, ablated: Ablated) -> HookFn:
     """a + g * (x - a) as one `torch.lerp`: exactly x when g == 1 and exactly a when g == 0.
 
     One op instead of four; autograd keeps as much for backward as with
-    `x * g + a * (1 - g)` (bench/mixing_memory.py measures both). The gate and the ablated
+    `x * g + a * (1 - g)` (bench/mixing_memory.py, removed, measured both). The gate and the ablated
     value are moved to the device and dtype of the hook's tensor, so models spread over
     several devices work. A callable `ablated` is called each time the hook runs.
     """

@@ -14,14 +14,17 @@ one hooks context.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Literal, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .granularities import spec
 from .sites import ModelShape
 
 CheckpointMode = Union[bool, Literal["auto"]]  # noqa: UP007 (runtime alias)
@@ -38,24 +41,35 @@ def check_checkpoint(mode: object, budget_bytes: object) -> None:
 
 
 def activation_bytes(
-    shape: ModelShape, batch: int, seq: int, element_size: int = 4, gated: bool = True
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    element_size: int = 4,
+    granularities: Iterable[str] | None = None,
 ) -> int:
     """Estimated bytes a forward pass keeps for backward without checkpointing.
 
-    Per layer and token: about 8 residual-width tensors (two layer norms' inputs and outputs,
-    the block outputs and the residual sums), q, k, v and z and the gated z (5 x heads x d_head),
-    attention scores and pattern (2 x heads x seq) and 3 x d_mlp for the pre-activation, the
-    activation and the gated activation. On a random GPT-2-small-shaped bridge at 8x64 with all
-    four granularities gated it gives 486 MiB, where autograd kept 326 MiB besides weights and
-    the ablated cache (`bench/checkpointing.py --saved 8,64`) and a whole step's peak RSS rose
-    by 0.98 GiB (docs/checkpointing.md): between the two, so 'auto' errs towards checkpointing.
+    Per layer and token: about 6 residual-width tensors (two layer norms' inputs and outputs
+    and the residual sums), q, k, v and z (4 x heads x d_head), attention scores and pattern
+    (2 x heads x seq), 2 x d_mlp for the pre-activation and the activation, and one gated
+    copy of the activation at each hook `granularities` gate (default: every default one the
+    model has, which adds both block outputs, z and the MLP activation). On a random
+    GPT-2-small-shaped bridge at 8x64 with all four granularities gated it gives 486 MiB,
+    where autograd kept 326 MiB besides weights and the ablated cache (`bench/checkpointing.py
+    --saved 8,64`) and a whole step's peak RSS rose by 0.98 GiB (docs/lab/checkpointing.md):
+    between the two, so 'auto' errs towards checkpointing.
     """
     d_model = shape.d_model or shape.n_heads * shape.d_head
+    gated = {
+        spec(g).hook: math.prod(spec(g).activation(replace(shape, d_model=d_model)))
+        for g in shape.resolve(granularities)
+    }  # one gated copy per hook, whatever number of granularities share it
     per_token = (
-        8 * d_model
-        + (5 if gated else 4) * shape.n_heads * shape.d_head
+        6 * d_model
+        + 4 * shape.n_heads * shape.d_head
         + 2 * shape.n_heads * seq
-        + (3 if gated else 2) * shape.d_mlp
+        + 2 * shape.d_mlp
+        + sum(gated.values())
     )
     return int(shape.n_layers * batch * seq * per_token * element_size)
 
@@ -67,6 +81,7 @@ def blocks_to_checkpoint(
     batch: int,
     seq: int,
     element_size: int = 4,
+    granularities: Iterable[str] | None = None,
 ) -> int:
     """How many blocks to checkpoint in a step: all, none, or under 'auto' the fewest that fit.
 
@@ -76,7 +91,7 @@ def blocks_to_checkpoint(
     """
     if mode != "auto":
         return shape.n_layers if mode else 0
-    per_layer = activation_bytes(shape, batch, seq, element_size) / shape.n_layers
+    per_layer = activation_bytes(shape, batch, seq, element_size, granularities) / shape.n_layers
     block_input = batch * seq * (shape.d_model or shape.n_heads * shape.d_head) * element_size
     for k in range(shape.n_layers + 1):
         # k blocks keep only their inputs; backward recomputes one of them at a time.

@@ -13,7 +13,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .sites import GRANULARITIES, PARENT, ModelShape, check_granularity
+from .granularities import SPECS, check_granularity, parse_node_name, spec
+from .sites import ModelShape
 
 FORMAT = "tl_nodeprune.circuit"
 VERSION = 2  # 2 added edges and scores; version-1 files still load
@@ -126,14 +127,15 @@ class Circuit:
     def kept(self, granularity: str) -> Tensor:
         """Nodes kept with the hierarchy applied: own gate open and parent kept."""
         own = self.own_kept(granularity)
-        if granularity not in PARENT:
+        parent_name = spec(granularity).parent
+        if parent_name is None:
             return own
-        parent = self.kept(PARENT[granularity])
+        parent = self.kept(parent_name)
         return own & parent.reshape(*parent.shape, *([1] * (own.dim() - parent.dim())))
 
     @property
     def granularities(self) -> tuple[str, ...]:
-        return tuple(g for g in GRANULARITIES if g in self.gates)
+        return tuple(g for g in SPECS if g in self.gates)
 
     @property
     def heads(self) -> list[tuple[int, int]]:
@@ -184,8 +186,8 @@ class Circuit:
                 "total": self.kept(g).numel(),
                 "fraction": self.fraction(g),
             }
-            for g in GRANULARITIES
-            if self.shape.has(g) and (g in self.gates or g in ("attn", "mlp"))
+            for g in SPECS
+            if self.shape.has(g) and (g in self.gates or g in self.shape.blocks())
         ]
         return pd.DataFrame(rows).set_index("granularity")
 
@@ -279,31 +281,10 @@ class Circuit:
         ModelShape.from_model(model).check_same(self.shape)
 
 
-_PREFIX = {"attn": "a", "mlp": "m"}
-_UNIT = {"head": ("a", "h"), "neuron": ("m", "n")}
-
-
 def _names(granularity: str, mask: Tensor) -> list[str]:
-    out = []
-    for idx in mask.nonzero().tolist():
-        if granularity in _PREFIX:
-            out.append(f"{_PREFIX[granularity]}{idx[0]}")
-        elif granularity in _UNIT:
-            block, unit = _UNIT[granularity]
-            out.append(f"{block}{idx[0]}.{unit}{idx[1]}")
-        else:
-            out.append(f"a{idx[0]}.h{idx[1]}.d{idx[2]}")
-    return out
-
-
-_NODE = re.compile(r"^([am])(\d+)((?:\.[a-z]\d+)*)$")
-_NODE_KINDS = {
-    ("a", ""): "attn",
-    ("m", ""): "mlp",
-    ("a", "h"): "head",
-    ("m", "n"): "neuron",
-    ("a", "hd"): "head_dim",
-}
+    """Names of the nodes where `mask` is True, in index order."""
+    s = spec(granularity)
+    return [s.node_name(idx) for idx in mask.nonzero().tolist()]
 
 
 def parse_node(name: str, shape: ModelShape | None = None) -> tuple[str, tuple[int, ...]]:
@@ -312,15 +293,7 @@ def parse_node(name: str, shape: ModelShape | None = None) -> tuple[str, tuple[i
     Indices are non-negative integers (`a-1` is refused, not read as the last layer); with
     `shape`, they must also be inside the model.
     """
-    match = _NODE.match(name)
-    parts = match.group(3).split(".")[1:] if match else []
-    kind = _NODE_KINDS.get((match.group(1), "".join(p[0] for p in parts))) if match else None
-    if match is None or kind is None:
-        raise ValueError(
-            f"Bad node name {name!r}; use a3 (attention block), a3.h5 (head), m3 (MLP block), "
-            "m3.n17 (neuron) or a3.h5.d2 (head value dimension), with indices >= 0."
-        )
-    index = (int(match.group(2)), *(int(p[1:]) for p in parts))
+    kind, index = parse_node_name(name)
     if shape is not None:
         if not shape.has(kind):
             raise ValueError(f"Node {name!r} is a {kind}, but {shape.name!r} has no MLPs.")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .circuit import Circuit, parse_edge, parse_node
+from .granularities import node_name
 from .sites import ModelShape
 
 
@@ -49,22 +50,23 @@ def graph_edges(shape: ModelShape, parallel_attn_mlp: bool = False) -> Iterator[
     """
     writers = ["input"]
     for layer in range(shape.n_layers):
-        heads = [f"a{layer}.h{h}" for h in range(shape.n_heads)]
+        heads = [node_name("head", (layer, h)) for h in range(shape.n_heads)]
+        mlp = node_name("mlp", (layer,))
         for w in writers:
             for kind, n in (("q", shape.n_heads), ("k", shape.kv_heads), ("v", shape.kv_heads)):
-                yield from (f"{w}->a{layer}.h{h}<{kind}>" for h in range(n))
+                yield from (f"{w}->{node_name('head', (layer, h))}<{kind}>" for h in range(n))
         mlp_reads = writers if parallel_attn_mlp else writers + heads
         writers = writers + heads
         if shape.has("mlp"):
-            yield from (f"{w}->m{layer}" for w in mlp_reads)
-            writers.append(f"m{layer}")
+            yield from (f"{w}->{mlp}" for w in mlp_reads)
+            writers.append(mlp)
     yield from (f"{w}->logits" for w in writers)
 
 
 def _node_values(circuit: Circuit) -> dict[str, float]:
     """Per head and MLP node: its score if the circuit has one, else its effective gate."""
     values = {}
-    for g, prefix in (("head", "a"), ("mlp", "m")):
+    for g in ("head", "mlp"):
         if not circuit.shape.has(g):
             continue
         if g in circuit.scores:
@@ -76,8 +78,7 @@ def _node_values(circuit: Circuit) -> dict[str, float]:
                 if g == "head" and "attn" in circuit.gates:
                     v = v * circuit.gates["attn"][:, None]
         for idx in torch.ones_like(v, dtype=torch.bool).nonzero().tolist():
-            name = f"{prefix}{idx[0]}" + (f".h{idx[1]}" if g == "head" else "")
-            values[name] = float(v[tuple(idx)])
+            values[node_name(g, idx)] = float(v[tuple(idx)])
     return values
 
 
@@ -279,15 +280,16 @@ def _acdc_node(hook: str, index: Any, n_layers: int) -> tuple[str, str | None, b
     if kind == "hook_resid_post" and layer == n_layers - 1:
         return "logits", None, False
     if kind in ("hook_mlp_in", "hook_resid_mid", "hook_mlp_out"):
-        return f"m{layer}", None, False
+        return node_name("mlp", (layer,)), None, False
     if head is None:
         raise ValueError(f"{hook} needs a head index like '[:, :, 3]'")
+    name = node_name("head", (layer, head))
     if kind.startswith("hook_") and kind.endswith("_input"):
-        return f"a{layer}.h{head}", kind[5], False
+        return name, kind[5], False
     if kind == "attn.hook_result":
-        return f"a{layer}.h{head}", None, False
+        return name, None, False
     if kind.startswith("attn.hook_"):
-        return f"a{layer}.h{head}", kind[-1], True
+        return name, kind[-1], True
     raise ValueError(f"{hook} is not a node of ACDC's graph")
 
 

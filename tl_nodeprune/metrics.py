@@ -15,8 +15,8 @@ from torch import Tensor
 
 from .ablation import AblationKind
 from .circuit import Circuit
-from .evaluate import Evaluator
-from .sites import PARENT
+from .evaluation import Evaluator
+from .granularities import ancestors, spec
 from .tasks.base import PromptTask
 
 # The MIB circuit track's circuit sizes, as fractions of the graph (0.1% ... 100%).
@@ -36,9 +36,10 @@ def node_values(circuit: Circuit, granularity: str) -> Tensor:
         return circuit.scores[granularity]
     own = circuit.gates.get(granularity)
     own = own if own is not None else torch.ones(circuit.shape.units(granularity))
-    if granularity not in PARENT:
+    parent_name = spec(granularity).parent
+    if parent_name is None:
         return own
-    parent = node_values(circuit, PARENT[granularity])
+    parent = node_values(circuit, parent_name)
     return own * parent.reshape(*parent.shape, *([1] * (own.dim() - parent.dim())))
 
 
@@ -51,7 +52,7 @@ def top_nodes(circuit: Circuit, n: int, granularities: Sequence[str] = CURVE_NOD
     keep[torch.sort(flat, descending=True, stable=True).indices[:n]] = 1.0
     gates, start = {}, 0
     for g in grans:
-        size = int(torch.tensor(shape.units(g)).prod())
+        size = shape.count(g)
         gates[g] = keep[start : start + size].reshape(shape.units(g))
         start += size
     if "head" in gates:
@@ -75,8 +76,7 @@ def faithfulness_curve(
     `node_values` (scores, else gates). Returns fraction, n_nodes, faithfulness, kl.
     """
     evaluator = evaluator or Evaluator(model, task, ablation, granularities=("attn", "mlp", "head"))
-    total = sum(int(torch.tensor(circuit.shape.units(g)).prod()) for g in granularities
-                if circuit.shape.has(g))  # fmt: skip
+    total = sum(circuit.shape.count(g) for g in granularities if circuit.shape.has(g))
     rows = []
     for fraction in fractions:
         n = int(fraction * total + 0.5)
@@ -113,21 +113,22 @@ def cmd(fractions: Sequence[float], faithfulness: Sequence[float]) -> float:
 
 
 def complement(circuit: Circuit) -> Circuit:
-    """The nodes a circuit does not keep, at its finest gated granularity in each branch.
+    """The nodes a circuit does not keep, at its finest gated granularities.
 
     Attention: heads (or head value dimensions) outside the circuit, or whole blocks when only
-    blocks are gated; MLPs likewise with neurons or blocks. Parents are opened so that exactly
-    the complement's leaves run.
+    blocks are gated; MLPs likewise with neurons or blocks. A gated granularity with a gated
+    descendant is opened, so that exactly the complement's leaves run.
     """
+    gated = circuit.granularities
+    inner = {a for g in gated for a in ancestors(g)}
     gates: dict[str, Tensor] = {}
-    for branch in (("attn", "head", "head_dim"), ("mlp", "neuron")):
-        gated = [g for g in branch if g in circuit.gates]
-        if not gated:
-            continue
-        leaf = gated[-1]
-        for g in branch[: branch.index(leaf)]:
+    for g in gated:
+        if g in inner:
             gates[g] = torch.ones(circuit.shape.units(g))
-        gates[leaf] = (~circuit.kept(leaf)).float()
+        else:
+            gates[g] = (~circuit.kept(g)).float()
+            for a in ancestors(g):  # open every parent, gated or not, above a leaf
+                gates[a] = torch.ones(circuit.shape.units(a))
     return Circuit(circuit.shape, gates, meta={"complement_of": circuit.meta})
 
 

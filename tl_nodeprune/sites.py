@@ -8,32 +8,28 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
+from .granularities import SPECS, spec
+from .granularities import check_granularity as check_granularity  # re-exported
+
+# The built-in granularities; `granularities.register_granularity` adds more at run time, so
+# code that must see those iterates `granularities.SPECS` instead of this tuple.
 Granularity = Literal["attn", "mlp", "head", "neuron", "head_dim"]
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
-# `head_dim` is the finest and most expensive granularity, so it is opt-in.
-DEFAULT_GRANULARITIES: tuple[str, ...] = ("attn", "mlp", "head", "neuron")
-# A node is inside its parent: a head inside its attention block, and so on.
-PARENT: dict[str, str] = {"head": "attn", "neuron": "mlp", "head_dim": "head"}
-HOOK_TEMPLATES: dict[str, str] = {
-    "attn": "blocks.{layer}.hook_attn_out",
-    "mlp": "blocks.{layer}.hook_mlp_out",
-    "head": "blocks.{layer}.attn.hook_z",
-    "neuron": "blocks.{layer}.mlp.hook_post",
-    "head_dim": "blocks.{layer}.attn.hook_z",
-}
+DEFAULT_GRANULARITIES: tuple[str, ...] = tuple(g for g in GRANULARITIES if SPECS[g].default)
+
+
+def __getattr__(name: str) -> Any:
+    """`PARENT` and `HOOK_TEMPLATES`: views of the specs, rebuilt so registrations show."""
+    if name == "PARENT":
+        return {g: s.parent for g, s in SPECS.items() if s.parent is not None}
+    if name == "HOOK_TEMPLATES":
+        return {g: s.hook for g, s in SPECS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def hook_name(granularity: str, layer: int) -> str:
     """The TransformerLens hook at which `granularity` is gated in `layer`."""
-    return HOOK_TEMPLATES[granularity].format(layer=layer)
-
-
-def check_granularity(granularity: str) -> None:
-    """Raise a ValueError naming the valid granularities when `granularity` is unknown."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(
-            f"Unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}."
-        )
+    return spec(granularity).hook_name(layer)
 
 
 @dataclass(frozen=True)
@@ -90,27 +86,25 @@ class ModelShape:
 
     def has(self, granularity: str) -> bool:
         """Whether this model has units of `granularity` (attention-only models lack MLPs)."""
-        check_granularity(granularity)
-        return granularity not in ("mlp", "neuron") or self.d_mlp > 0
+        s = spec(granularity)
+        sizes = (getattr(self, f) for f in (*s.needs, *s.unit_axes))
+        return all(n > 0 for n in sizes) and (s.parent is None or self.has(s.parent))
 
     def units(self, granularity: str) -> tuple[int, ...]:
         """Shape of the gate tensor for `granularity`: layer first, then the unit axes."""
-        check_granularity(granularity)
-        return {
-            "attn": (self.n_layers,),
-            "mlp": (self.n_layers,),
-            "head": (self.n_layers, self.n_heads),
-            "neuron": (self.n_layers, self.d_mlp),
-            "head_dim": (self.n_layers, self.n_heads, self.d_head),
-        }[granularity]
+        return spec(granularity).units(self)
+
+    def count(self, granularity: str) -> int:
+        """How many nodes of `granularity` the model has."""
+        return spec(granularity).count(self)
 
     def blocks(self) -> tuple[str, ...]:
-        """The block granularities this model has."""
-        return tuple(g for g in ("attn", "mlp") if self.has(g))
+        """The block granularities (those without a parent) this model has."""
+        return tuple(g for g, s in SPECS.items() if s.parent is None and self.has(g))
 
     def available(self) -> tuple[str, ...]:
         """The default granularities this model has."""
-        return tuple(g for g in DEFAULT_GRANULARITIES if self.has(g))
+        return tuple(g for g, s in SPECS.items() if s.default and self.has(g))
 
     def resolve(self, granularities: Iterable[str] | None) -> tuple[str, ...]:
         """Validate requested granularities (None = every default one the model has)."""
@@ -120,13 +114,12 @@ class ModelShape:
         if not requested:
             raise ValueError("granularities is empty; pass None for all, or e.g. ('head',).")
         for g in requested:
-            check_granularity(g)
             if not self.has(g):
                 raise ValueError(
                     f"Granularity {g!r} needs MLP layers, but model {self.name!r} is "
                     f"attention-only; drop it, e.g. granularities=('attn', 'head')."
                 )
-        return tuple(g for g in GRANULARITIES if g in requested)
+        return tuple(g for g in SPECS if g in requested)
 
     def check_same(self, other: ModelShape) -> None:
         """Raise a ValueError listing every size that differs between this model (self) and
@@ -163,16 +156,6 @@ SHAPE_FIELDS: tuple[str, ...] = (
     "n_layers", "n_heads", "d_head", "d_mlp", "d_model", "d_vocab", "vocab_out", "kv_heads"
 )  # fmt: skip
 
-# Expected activation shape at each gated hook, after (batch, pos).
-_HOOK_SHAPE = {
-    "attn": lambda s: (s.d_model,),
-    "mlp": lambda s: (s.d_model,),
-    "head": lambda s: (s.n_heads, s.d_head),
-    "neuron": lambda s: (s.d_mlp,),
-    "head_dim": lambda s: (s.n_heads, s.d_head),
-}
-
-
 def missing_hooks(model: Any, names: Iterable[str]) -> list[str]:
     """The hook names the model does not have (before any forward pass)."""
     hook_dict = getattr(model, "hook_dict", None)
@@ -207,7 +190,7 @@ def check_sites(
         return
     acts = probe(list(wanted))
     for name, g in wanted.items():
-        expected = _HOOK_SHAPE[g](shape)
+        expected = spec(g).activation(shape)
         got = tuple(acts[name].shape) if name in acts else None
         if got is None or got[2:] != expected:
             raise ValueError(

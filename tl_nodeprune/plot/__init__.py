@@ -1,10 +1,21 @@
 """Plotly figures of circuits, runs and comparisons; each function returns a Figure, never shows it.
 
-`heads`, `neurons` and `graph` draw one circuit; `history` a `PruneResult.history`; `overlap`,
-`frontier` and `roc` compare circuits (their numbers come from `compare`/`evaluate`).
+`heads`, `neurons` (and `units`, for any granularity drawn as a strip) and `graph` draw one
+circuit; `history` a `PruneResult.history`; `overlap`, `frontier` and `roc` compare circuits
+(their numbers come from `compare`/`evaluate`).
 """
 
 from .runs import FRONTIER_COLUMNS, frontier, history, overlap, roc
-from .views import graph, heads, neurons
+from .views import graph, heads, neurons, units
 
-__all__ = ["FRONTIER_COLUMNS", "frontier", "graph", "heads", "history", "neurons", "overlap", "roc"]
+__all__ = [
+    "FRONTIER_COLUMNS",
+    "frontier",
+    "graph",
+    "heads",
+    "history",
+    "neurons",
+    "overlap",
+    "roc",
+    "units",
+]

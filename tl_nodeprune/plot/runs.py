@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..circuit import Circuit
-from ..sites import GRANULARITIES
+from ..granularities import SPECS
 from ._common import CLASS_COLOURS
 
 # Columns `frontier` reads from a sweep DataFrame (one row per circuit).
@@ -31,7 +31,7 @@ def history(history: pd.DataFrame, title: str | None = None) -> go.Figure:
         raise ValueError(f"history needs a 'step' column; it has {list(history.columns)}.")
     loss_cols = [c for c in ("loss", "faithfulness") if c in history.columns]
     loss_cols += [c for c in history.columns if c.startswith("sparsity_")]
-    kept_cols = [f"kept_{g}" for g in GRANULARITIES if f"kept_{g}" in history.columns]
+    kept_cols = [f"kept_{g}" for g in SPECS if f"kept_{g}" in history.columns]
     if not loss_cols and not kept_cols:
         raise ValueError("history has no loss or kept_<granularity> columns to plot.")
     fig = make_subplots(
