@@ -27,6 +27,7 @@ discover: install
 
 test: install
 	$(VENV)/bin/ruff check tl_nodeprune tests bench notebooks
+	$(VENV)/bin/lint-imports --no-logo
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -m "not slow"
 	$(if $(SLOW),$(VENV)/bin/pytest -m slow)
 

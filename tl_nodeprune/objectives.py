@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .tasks.base import PromptTask, _set_value
+from .tasks.base import PromptTask, answer_set_value
 
 ObjectiveFn = Callable[[Tensor, Tensor, PromptTask], Tensor]
 Objective = Union[Literal["kl", "logit_diff"], ObjectiveFn]  # noqa: UP007 (runtime alias)
@@ -40,7 +40,7 @@ def kl_divergence(
 
 def logit_diff(task: PromptTask, logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:
     """Mean correct-answer logit minus mean incorrect-answer logit, per example."""
-    return _set_value(logits, task.correct, "logit_diff") - _set_value(
+    return answer_set_value(logits, task.correct, "logit_diff") - answer_set_value(
         logits, task.incorrect, "logit_diff"
     )
 

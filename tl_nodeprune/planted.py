@@ -14,6 +14,7 @@ from torch import nn
 
 from .ablation import capture
 from .circuit import Circuit
+from .granularities import node_name
 from .sites import ModelShape, hook_name
 from .tasks.base import PromptTask
 
@@ -58,46 +59,69 @@ def tiny_model(
     scaled by `logit_scale`, so logits are far from uniform and single nodes have a clear
     effect on the output distribution.
     """
-    d_model = n_heads * d_head
     # The fields HookedTransformerConfig and TransformerBridgeConfig share.
-    common = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head, d_mlp=d_mlp,
-                  d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu", normalization_type="LN",
-                  attn_only=attn_only)  # fmt: skip
+    common = dict(n_layers=n_layers, d_model=n_heads * d_head, n_heads=n_heads, d_head=d_head,
+                  d_mlp=d_mlp, d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu",
+                  normalization_type="LN", attn_only=attn_only)  # fmt: skip
     if flavour == "hooked":
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        model = HookedTransformer(HookedTransformerConfig(**common, seed=seed))
+        model = _hooked_model(common, seed)
     elif flavour == "bridge-native":
-        from transformer_lens.config import TransformerBridgeConfig
-        from transformer_lens.model_bridge import TransformerBridge
-
-        model = TransformerBridge.boot_native(
-            TransformerBridgeConfig(**common, positional_embedding_type="standard")
-        )
+        model = _native_bridge(common)
     elif flavour == "bridge-llama":
-        if attn_only:
-            raise ValueError("A llama model cannot be attention-only; use another flavour.")
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        hf_config = LlamaConfig(
-            vocab_size=d_vocab,
-            hidden_size=d_model,
-            intermediate_size=d_mlp,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=max(1, n_heads // 2),
-            max_position_embeddings=n_ctx,
-            tie_word_embeddings=False,
-        )
-        model = build_bridge_from_module(
-            LlamaForCausalLM(hf_config),
-            "LlamaForCausalLM",
-            hf_config=hf_config,
-            model_name=f"tiny-llama-{seed}",
-        )
+        model = _llama_bridge(common, seed)
     else:
         raise ValueError(f"Unknown flavour {flavour!r}; choose from {available_flavours()}.")
+    _randomise(model, common["d_model"], seed, logit_scale)
+    return model.eval()
+
+
+def _hooked_model(common: dict[str, Any], seed: int) -> Any:
+    """A HookedTransformer of the shared config fields."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(**common, seed=seed))
+
+
+def _native_bridge(common: dict[str, Any]) -> Any:
+    """A TransformerBridge booted natively (no Hugging Face model) from the shared fields."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_native(
+        TransformerBridgeConfig(**common, positional_embedding_type="standard")
+    )
+
+
+def _llama_bridge(common: dict[str, Any], seed: int) -> Any:
+    """A TransformerBridge over an in-memory Llama with grouped-query attention (kv = heads/2)."""
+    if common["attn_only"]:
+        raise ValueError("A llama model cannot be attention-only; use another flavour.")
+    # TransformerLens has no public way to bridge a model built in memory.
+    from transformer_lens.model_bridge.sources._bridge_builder import (  # noqa: PLC2701
+        build_bridge_from_module,
+    )
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=common["d_vocab"],
+        hidden_size=common["d_model"],
+        intermediate_size=common["d_mlp"],
+        num_hidden_layers=common["n_layers"],
+        num_attention_heads=common["n_heads"],
+        num_key_value_heads=max(1, common["n_heads"] // 2),
+        max_position_embeddings=common["n_ctx"],
+        tie_word_embeddings=False,
+    )
+    return build_bridge_from_module(
+        LlamaForCausalLM(hf_config),
+        "LlamaForCausalLM",
+        hf_config=hf_config,
+        model_name=f"tiny-llama-{seed}",
+    )
+
+
+def _randomise(model: Any, d_model: int, seed: int, logit_scale: float) -> None:
+    """Redraw every weight matrix with std 1/sqrt(d_model); scale the unembedding up."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -105,10 +129,9 @@ def tiny_model(
                 p.copy_(torch.randn(p.shape, generator=gen) / d_model**0.5)
         unembed = getattr(model.unembed, "original_component", None)
         (unembed.weight if isinstance(unembed, nn.Linear) else model.unembed.W_U).mul_(logit_scale)
-    return model.eval()
 
 
-def _output_weights(
+def output_weights(
     model: Any, layer: int, kind: Literal["attn", "mlp"]
 ) -> tuple[torch.Tensor, int]:
     """The weight that reads head z (or MLP post) and the axis that indexes its input units."""
@@ -147,7 +170,7 @@ def plant(
     with torch.no_grad():
         for layer in range(shape.n_layers):
             for g, kind in (("head", "attn"), ("neuron", "mlp")):
-                w, axis = _output_weights(model, layer, kind)
+                w, axis = output_weights(model, layer, kind)
                 scale = keep[g][layer].clone()
                 if task is not None and scale.any():
                     scale *= strength / _unit_change(model, task, layer, g, w, axis).clamp(min=1e-6)
@@ -258,7 +281,7 @@ def add_distractors(
                 units = torch.zeros(shape.units(g)[1], dtype=torch.bool)
                 units[pick] = True
                 chosen.setdefault(g, torch.zeros(shape.units(g), dtype=torch.bool))[layer] = units
-                w, axis = _output_weights(model, layer, kind)
+                w, axis = output_weights(model, layer, kind)
                 per_row = w.shape[axis] // len(units)  # d_head rows per head, 1 per neuron
                 rows = units.repeat_interleave(per_row)
                 rows = rows.reshape(-1, *([1] * (w.dim() - 1))) if axis == 0 else rows
@@ -268,7 +291,6 @@ def add_distractors(
                 scale = torch.where(units, strength / change, torch.ones_like(change))
                 scale = scale.repeat_interleave(per_row)
                 w.mul_(scale.reshape(-1, *([1] * (w.dim() - 1))) if axis == 0 else scale)
-    prefix = {"head": "a{}.h{}", "neuron": "m{}.n{}"}
-    names = [prefix[g].format(*unit) for g, m in chosen.items() for unit in m.nonzero().tolist()]
+    names = [node_name(g, unit) for g, m in chosen.items() for unit in m.nonzero().tolist()]
     truth.meta.update(distractors=names, distractor_strength=strength)
     return problem

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from .ablation import capture
 from .circuit import Circuit
-from .planted import PlantedProblem, _output_weights, plant, tiny_model
+from .granularities import node_name
+from .planted import PlantedProblem, output_weights, plant, tiny_model
 from .sites import hook_name
 from .tasks.base import PromptTask
 
@@ -31,7 +32,7 @@ def _unit_writes(model: Any, tokens: Tensor, pos: Tensor, g: str, layer: int, un
     """What one head or neuron writes into the residual stream at `pos`: (prompt, d_model)."""
     name = hook_name(g, layer)
     act = capture(model, tokens, [name])[name][torch.arange(len(tokens)), pos]
-    w, axis = _output_weights(model, layer, "attn" if g == "head" else "mlp")
+    w, axis = output_weights(model, layer, "attn" if g == "head" else "mlp")
     if axis == 1:  # nn.Linear (d_model, units) -> (units, d_model)
         w = w.T
     if g == "head":
@@ -136,8 +137,9 @@ def interacting_problem(
     from_n1 = _top_direction(_unit_writes(model, tokens, pos, "neuron", 1, n1))
     _wire_neuron(model, task, 2, m, [from_b, from_n1], spread)  # m needs b and n1
     circuit: Circuit = plant(model, heads, neurons, task, strength)
-    circuit.meta.update(chain=[f"a0.h{a}", f"m1.n{n1}"], and_pair=[f"a1.h{b}", f"m1.n{n1}"],
-                        duplicates=[f"a1.h{b}", f"a1.h{c}"], reader=f"m2.n{m}")  # fmt: skip
+    head, neuron = (lambda *i: node_name("head", i)), (lambda *i: node_name("neuron", i))
+    circuit.meta.update(chain=[head(0, a), neuron(1, n1)], and_pair=[head(1, b), neuron(1, n1)],
+                        duplicates=[head(1, b), head(1, c)], reader=neuron(2, m))  # fmt: skip
     return PlantedProblem(model, circuit, task)
 
 

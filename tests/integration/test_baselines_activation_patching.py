@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tl_nodeprune.baselines.activation_patching import activation_patching, node_effects
-from tl_nodeprune.evaluate import evaluate
+from tl_nodeprune.evaluation import evaluate
 from tl_nodeprune.planted import planted_problem
 
 from ..conftest import hook_count

@@ -5,7 +5,7 @@ import torch
 
 import tl_nodeprune as tnp
 from tl_nodeprune.planted import available_flavours, planted_problem
-from tl_nodeprune.sweep import granularity_sweep
+from tl_nodeprune.sweeps import granularity_sweep
 
 from ..conftest import hook_count
 

@@ -11,9 +11,9 @@ from torch import nn
 import tl_nodeprune as tnp
 from tl_nodeprune.objectives import fast_path_matches, forward_answers, kl_divergence
 from tl_nodeprune.planted import (
-    _output_weights,
     add_distractors,
     available_flavours,
+    output_weights,
     plant,
     planted_problem,
     tiny_model,
@@ -68,7 +68,7 @@ def test_fit_on_an_attention_only_model_recovers_its_planted_heads():
     planted = [(0, 1), (1, 2)]
     with torch.no_grad():
         for layer in range(2):
-            w, axis = _output_weights(model, layer, "attn")  # (d_model, head * d_head)
+            w, axis = output_weights(model, layer, "attn")  # (d_model, head * d_head)
             keep = torch.tensor([(layer, h) in planted for h in range(4)], dtype=w.dtype)
             w.mul_(keep.repeat_interleave(w.shape[axis] // 4))
     cfg = tnp.PruneConfig(steps=100, progress=False)

@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..ablation import capture
+from ..granularities import node_name
 from ..objectives import forward_answers
 from ..sites import ModelShape
 
@@ -62,8 +63,8 @@ class EdgeGraph:
     def writers(self) -> tuple[str, ...]:
         names = ["input"]
         for layer in range(self.shape.n_layers):
-            names += [f"a{layer}.h{h}" for h in range(self.shape.n_heads)]
-            names += [f"m{layer}"] if self.has_mlp else []
+            names += [node_name("head", (layer, h)) for h in range(self.shape.n_heads)]
+            names += [node_name("mlp", (layer,))] if self.has_mlp else []
         return tuple(names)
 
     @property
@@ -110,9 +111,9 @@ class EdgeGraph:
                 if kind == "logits":
                     reader = "logits"
                 elif kind == "mlp":
-                    reader = f"m{layer}"
+                    reader = node_name("mlp", (layer,))
                 else:
-                    reader = f"a{layer}.h{r}<{kind}>"
+                    reader = f"{node_name('head', (layer, r))}<{kind}>"
                 names += [f"{w}->{reader}" for w in self.writers[:up]]
         return tuple(names)
 
@@ -131,7 +132,7 @@ class EdgeGraph:
         return torch.cat([writers[:up].repeat(n) for _, _, n, up in self.groups])
 
 
-class _Weights:
+class ProjectionWeights:
     """Detached projection weights per layer, read once (bridge properties rebuild them)."""
 
     def __init__(self, model: Any, shape: ModelShape) -> None:
@@ -157,10 +158,11 @@ class _Weights:
 
 def corrupted_values(model: Any, graph: EdgeGraph, tokens: Int[Tensor, "batch pos"]) -> dict:
     """The corrupted run's activations the masked forward needs (no gradient)."""
-    return capture(model, tokens, _capture_names(graph))
+    return capture(model, tokens, capture_names(graph))
 
 
-def _capture_names(graph: EdgeGraph) -> list[str]:
+def capture_names(graph: EdgeGraph) -> list[str]:
+    """The hooks whose corrupted values a masked forward over `graph` reads, in layer order."""
     n = graph.shape.n_layers
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n)]
     names += [f"blocks.{layer}.attn.hook_z" for layer in range(n)]
@@ -182,7 +184,7 @@ class EdgeRun:
         writer_mask: Float[Tensor, " writers"] | None = None,
         input_value: Tensor | None = None,
         probes: dict[ReaderKey, Tensor] | None = None,
-        weights: _Weights | None = None,
+        weights: ProjectionWeights | None = None,
     ) -> None:
         if graph.parallel_attn_mlp and graph.has_mlp:
             raise ValueError(
@@ -194,7 +196,7 @@ class EdgeRun:
         self.writer_mask = writer_mask
         self.input_value = input_value
         self.probes = probes or {}
-        self.w = weights or _Weights(model, graph.shape)
+        self.w = weights or ProjectionWeights(model, graph.shape)
         self.chunks: list[Tensor] = []  # (writers in chunk, batch, pos, d_model), in order
 
     def _push(self, delta: Tensor) -> None:

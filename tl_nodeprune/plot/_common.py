@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
 from ..circuit import Circuit
-from ..sites import PARENT
+from ..granularities import spec
+from ..references import HeadClasses, Reference, as_head_classes
 
-# A reference circuit as plain data: (layer, head) -> class name, e.g. {(9, 9): "name mover"}.
-Reference = Mapping[tuple[int, int], str]
+# What a figure's `reference` may be: a shipped `references.Reference` or a plain
+# (layer, head) -> class mapping such as {(9, 9): "name mover"}.
+PlotReference = Reference | HeadClasses
 
 KEPT_COLOUR = "#d62728"
 PRUNED_COLOUR = "#9e9e9e"
@@ -32,18 +32,19 @@ def unit_values(circuit: Circuit, granularity: str) -> tuple[Tensor, bool]:
     shape = circuit.shape.units(granularity)
     if granularity in circuit.gates:
         return circuit.gates[granularity], True
-    parent = PARENT.get(granularity)
+    parent = spec(granularity).parent
     if parent is not None and parent in circuit.gates:
         gate = circuit.gates[parent]
-        return gate.reshape(*gate.shape, 1).expand(shape).clone(), False
+        gate = gate.reshape(*gate.shape, *([1] * (len(shape) - gate.dim())))
+        return gate.expand(shape).clone(), False
     return circuit.kept(granularity).float(), False
 
 
-def head_classes(circuit: Circuit, reference: Reference | None) -> list[list[str]]:
+def head_classes(circuit: Circuit, reference: PlotReference | None) -> list[list[str]]:
     """The reference class of every head as a layer x head grid of strings ('' without one)."""
     n_layers, n_heads = circuit.shape.units("head")
     grid = [[""] * n_heads for _ in range(n_layers)]
-    for (layer, head), cls in (reference or {}).items():
+    for (layer, head), cls in as_head_classes(reference).items():
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise ValueError(
                 f"Reference head ({layer}, {head}) is outside {circuit.shape.name!r} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -21,6 +22,10 @@ _FILES = {
     "greater_than": "greater_than_hanna2023.json",
     "greater_than_acdc": "greater_than_acdc.json",
 }
+
+
+# A reference as plain data: (layer, head) -> class name, e.g. {(9, 9): "name mover"}.
+HeadClasses = Mapping[tuple[int, int], str]
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,18 @@ class Reference:
         )
 
 
+def as_head_classes(reference: Reference | HeadClasses | None) -> dict[tuple[int, int], str]:
+    """(layer, head) -> class name, from a shipped `Reference` or a plain mapping; {} for None.
+
+    Figures and reports take either, so `plot.heads(c, reference=references.load("ioi"))` works.
+    """
+    if reference is None:
+        return {}
+    if isinstance(reference, Reference):
+        return reference.head_class()
+    return dict(reference)
+
+
 def names() -> tuple[str, ...]:
     """The shipped references."""
     return tuple(_FILES)
@@ -100,4 +117,4 @@ def load(name: str) -> Reference:
     return Reference.from_dict(json.loads(text))
 
 
-__all__ = ["GPT2_SMALL", "Reference", "load", "names"]
+__all__ = ["GPT2_SMALL", "HeadClasses", "Reference", "as_head_classes", "load", "names"]

@@ -160,8 +160,8 @@ class PromptTask:
             ids_correct.append(single_token(model, a, f"pair {i} correct answer"))
             ids_incorrect.append(single_token(model, b, f"pair {i} incorrect answer"))
         return cls(
-            clean=_pad(rows_clean),
-            corrupted=_pad(rows_corr),
+            clean=pad_rows(rows_clean),
+            corrupted=pad_rows(rows_corr),
             correct=_as_2d(ids_correct, "correct"),
             incorrect=_as_2d(ids_incorrect, "incorrect"),
             answer_pos=torch.tensor([len(t) - 1 for t in rows_clean]),
@@ -272,7 +272,7 @@ class PromptTask:
         values = (
             answer_logits.log_softmax(-1).exp() if self.metric == "prob_diff" else answer_logits
         )
-        return _set_value(values, self.correct, self.metric) - _set_value(
+        return answer_set_value(values, self.correct, self.metric) - answer_set_value(
             values, self.incorrect, self.metric
         )
 
@@ -285,7 +285,7 @@ def _unchecked(fields: dict[str, Any]) -> PromptTask:
     return task
 
 
-def _set_value(values: Tensor, ids: Tensor, metric: Metric) -> Tensor:
+def answer_set_value(values: Tensor, ids: Tensor, metric: Metric) -> Tensor:
     """Sum (prob_diff) or mean (logit_diff) of `values` over each row's valid answer ids."""
     ids = ids.to(values.device)
     valid = ids != PAD_ANSWER
@@ -294,7 +294,7 @@ def _set_value(values: Tensor, ids: Tensor, metric: Metric) -> Tensor:
     return total if metric == "prob_diff" else total / valid.sum(1)
 
 
-def _pad(rows: list[list[int]], pad_id: int = 0) -> Tensor:
+def pad_rows(rows: list[list[int]], pad_id: int = 0) -> Tensor:
     """Right-pad token lists; causal attention keeps pads from touching real tokens."""
     out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):

@@ -14,7 +14,7 @@ import random
 from dataclasses import replace
 from typing import Any, Literal
 
-from .base import PAD_ANSWER, PromptTask, _pad, single_token
+from .base import PAD_ANSWER, PromptTask, pad_rows, single_token
 from .ioi import single_token_words
 
 YearTokens = Literal["two_digit", "one_digit"]
@@ -74,8 +74,8 @@ def greater_than(model: Any, n: int = 64, seed: int = 0) -> PromptTask:
     )
     return replace(
         task,
-        correct=_pad([[ids[k] for k in a] for a in above], pad_id=PAD_ANSWER),
-        incorrect=_pad([[ids[k] for k in b] for b in below], pad_id=PAD_ANSWER),
+        correct=pad_rows([[ids[k] for k in a] for a in above], pad_id=PAD_ANSWER),
+        incorrect=pad_rows([[ids[k] for k in b] for b in below], pad_id=PAD_ANSWER),
         metric="prob_diff",
     )
 

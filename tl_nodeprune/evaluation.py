@@ -1,0 +1,163 @@
+"""`evaluate`: a circuit's task metric beside the full and the empty model's, and faithfulness."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .ablation import (
+    DEFAULT_CACHE_BYTES,
+    Ablation,
+    AblationKind,
+    capture,
+    mixing_hooks,
+    site_masks,
+)
+from .circuit import Circuit
+from .objectives import answer_logits, kl_divergence
+from .reference_run import ReferenceRun, faithfulness
+from .sites import ModelShape, check_sites, frozen, model_device
+from .tasks.base import PromptTask
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metric of the full model, the circuit and the empty circuit; f = (C - E) / (M - E)."""
+
+    metric_full: float
+    metric_circuit: float
+    metric_empty: float
+    faithfulness: float
+    kl: float
+    kl_empty: float
+    n_prompts: int
+    ablation: str
+
+    @classmethod
+    def from_logits(
+        cls, task: PromptTask, full: Tensor, circuit: Tensor, empty: Tensor, ablation: str
+    ) -> Evaluation:
+        """Metric, faithfulness and KL from the full, circuit and empty answer logits."""
+        m_full, m_circ, m_empty = (task.score(x).mean().item() for x in (full, circuit, empty))
+        return cls(
+            metric_full=m_full,
+            metric_circuit=m_circ,
+            metric_empty=m_empty,
+            faithfulness=faithfulness(m_circ, m_full, m_empty),
+            kl=kl_divergence(full, circuit).item(),
+            kl_empty=kl_divergence(full, empty).item(),
+            n_prompts=len(task),
+            ablation=ablation,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([self.to_dict()])
+
+    def __str__(self) -> str:
+        return (
+            f"faithfulness {self.faithfulness:.3f} (metric: full {self.metric_full:.3f}, "
+            f"circuit {self.metric_circuit:.3f}, empty {self.metric_empty:.3f}; "
+            f"KL(full||circuit) {self.kl:.4f}; {self.n_prompts} prompts, {self.ablation} ablation)"
+        )
+
+
+def circuit_logits(
+    model: Any, circuit: Circuit, task: PromptTask, ablation: Ablation, batch_size: int = 32
+) -> Tensor:
+    """Answer logits with every node outside `circuit` ablated at its granularity."""
+    binary = {
+        g: (t > circuit.threshold).float().to(ablation.device) for g, t in circuit.gates.items()
+    }
+    masks = site_masks(circuit.shape, binary)
+    return answer_logits(
+        model, task, lambda idx, seq: mixing_hooks(masks, ablation.values(idx, seq)), batch_size
+    )
+
+
+class Evaluator:
+    """Scores many circuits on one task from one cache: full logits, empty logits, ablations.
+
+    Comparisons and sweeps evaluate dozens of circuits; the corrupted (or mean) activations
+    and the full and empty models' logits are the same for all of them, so they are made once.
+    `granularities` are the ones whose hooks are cached (default: every one the model has).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        task: PromptTask,
+        ablation: AblationKind = "corrupted",
+        batch_size: int = 32,
+        granularities: tuple[str, ...] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.model, self.task, self.kind, self.batch_size = model, task, ablation, batch_size
+        self.shape = ModelShape.from_model(model)
+        task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
+        grans = self.shape.resolve(granularities)
+        ones = {g: torch.ones(self.shape.units(g)) for g in {*grans, *self.shape.blocks()}}
+        self.names = sorted(site_masks(self.shape, ones))
+        with frozen(model):
+            check_sites(
+                model,
+                self.shape,
+                tuple(sorted({*grans, *self.shape.blocks()})),
+                lambda hooks: capture(model, task.clean[:1, :1].to(model_device(model)), hooks),
+            )
+            self.reference = ReferenceRun(
+                model, task, self.names, ablation, batch_size, cache_bytes
+            )
+            self.ablation, self.full = self.reference.ablation, self.reference.full
+            self.empty = circuit_logits(
+                model, Circuit.empty(self.shape), task, self.ablation, batch_size
+            )
+
+    def __call__(self, circuit: Circuit) -> Evaluation:
+        """Evaluate one circuit against the cached full and empty model."""
+        circuit.check_model(self.model)
+        for g, t in circuit.gates.items():
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"The circuit's {g!r} gates hold NaN or infinite values; a gate must be a "
+                    "number in [0, 1] (retrain, or rebuild the circuit with Circuit.from_nodes)."
+                )
+        missing = set(site_masks(circuit.shape, circuit.gates)) - set(self.names)
+        if missing:
+            raise ValueError(
+                f"The circuit gates hooks {sorted(missing)} this Evaluator did not cache; "
+                "pass granularities that include the circuit's."
+            )
+        with frozen(self.model):
+            kept = circuit_logits(self.model, circuit, self.task, self.ablation, self.batch_size)
+        return Evaluation.from_logits(self.task, self.full, kept, self.empty, self.kind)
+
+
+def evaluate(
+    model: Any,
+    circuit: Circuit,
+    task: PromptTask,
+    ablation: AblationKind | None = None,
+    batch_size: int = 32,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> Evaluation:
+    """Score `circuit` on `task`: metric and KL against the full model and the empty circuit.
+
+    `ablation` defaults to the one the circuit was found with (`circuit.meta["ablation"]`),
+    else corrupted.
+    """
+    ablation = ablation or circuit.meta.get("ablation", "corrupted")
+    circuit.check_model(model)
+    evaluator = Evaluator(
+        model, task, ablation, batch_size, circuit.granularities or None, cache_bytes
+    )
+    return evaluator(circuit)
+
+
+__all__ = ["Evaluation", "Evaluator", "circuit_logits", "evaluate"]
