@@ -18,12 +18,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .ablation import Ablation, AblationKind, site_masks
+from .ablation import DEFAULT_CACHE_BYTES, AblationKind
 from .circuit import Circuit
-from .evaluate import circuit_logits
+from .evaluation import Evaluator
 from .gates import HardConcrete
-from .objectives import answer_logits, kl_divergence
-from .sites import ModelShape, frozen
+from .reference_run import faithfulness
+from .sites import ModelShape
 from .tasks.base import PromptTask
 
 Scorer = Callable[[Circuit], float]
@@ -64,38 +64,25 @@ def faithfulness_scorer(
     ablation: AblationKind = "corrupted",
     batch_size: int = 32,
     measure: Measure = "metric",
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Scorer:
     """f(C) = (metric(C) - metric(empty)) / (metric(full) - metric(empty)) on `task`.
 
     With `measure="kl"`, f(C) = 1 - KL(full || C) / KL(full || empty) instead: the share of
     the output distribution the circuit restores, which reaches 1 only when nothing that
     matters is missing (a task metric can reach 1, or overshoot, with parts missing). The
-    scorer takes circuits gated at `granularities` (default: all the model has).
+    scorer takes circuits gated at `granularities` (default: all the model has) and scores
+    them with one `Evaluator`, so selection and `evaluate` agree by construction.
     """
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}.")
-    shape = ModelShape.from_model(model)
-    gated = {g: torch.ones(shape.units(g)) for g in shape.resolve(granularities)}
-    blocks = Circuit.empty(shape).gates
-    names = sorted(set(site_masks(shape, gated)) | set(site_masks(shape, blocks)))
-    with frozen(model):
-        abl = Ablation(model, task, names, ablation, batch_size)
-        full = answer_logits(model, task, batch_size=batch_size)
-        empty = circuit_logits(model, Circuit.empty(shape), task, abl, batch_size)
-    if measure == "kl":
-        m_full, m_empty = 0.0, -kl_divergence(full, empty).item()
-    else:
-        m_full, m_empty = task.score(full).mean().item(), task.score(empty).mean().item()
+    evaluator = Evaluator(model, task, ablation, batch_size, granularities, cache_bytes)
 
     def score(circuit: Circuit) -> float:
-        with frozen(model):
-            logits = circuit_logits(model, circuit, task, abl, batch_size)
+        result = evaluator(circuit)
         if measure == "kl":
-            value = -kl_divergence(full, logits).item()
-        else:
-            value = task.score(logits).mean().item()
-        denom = m_full - m_empty
-        return (value - m_empty) / denom if abs(denom) > 1e-12 else math.nan
+            return faithfulness(-result.kl, 0.0, -result.kl_empty)
+        return result.faithfulness
 
     return score
 

@@ -44,3 +44,19 @@ def test_baseline_restores_hooks_mode_and_flags_after_an_error(method, fail_at):
 
 def test_every_registered_baseline_has_contract_settings():
     assert set(SETTINGS) == set(BASELINES)
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_baseline_checks_answers_against_the_output_vocabulary(method):
+    """Every method reads its answers through the one reference run, which checks both
+    vocabularies: an answer id the unembedding has no row for is refused, by name."""
+    problem = planted_problem("bridge-native", seed=0, n_layers=2, n_prompts=8)
+    model, task = problem.model, problem.task
+    out_vocab = int(task.correct.max())  # the model's output rows end below this answer
+    model.cfg.d_vocab_out = out_vocab
+    try:
+        with pytest.raises(ValueError, match="outside the model's output vocabulary"):
+            BASELINES[method](model, task, **SETTINGS[method])
+    finally:
+        model.cfg.d_vocab_out = model.cfg.d_vocab
+    assert hook_count(model) == 0

@@ -8,9 +8,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..ablation import Ablation, AblationKind, check_ablation, mixing_hooks
+from ..ablation import AblationKind, check_ablation, mixing_hooks
 from ..circuit import Circuit
-from ..objectives import answer_logits, fast_path_matches, kl_divergence
+from ..objectives import answer_logits, kl_divergence
+from ..reference_run import ReferenceRun
 from ..sites import ModelShape, frozen, hook_name
 from ..tasks.base import PromptTask
 
@@ -38,16 +39,14 @@ def node_effects(
     shape = ModelShape.from_model(model)
     if neuron_group_size is not None and not 0 < neuron_group_size <= max(1, shape.d_mlp):
         raise ValueError(f"neuron_group_size must be in 1..{shape.d_mlp}, got {neuron_group_size}.")
-    task.check_vocab(shape.d_vocab)
     granularities = ["head", *(["mlp"] if shape.has("mlp") else [])]
     if neuron_group_size is not None and shape.has("mlp"):
         granularities.append("neuron")
     names = [hook_name(g, layer) for g in granularities for layer in range(shape.n_layers)]
     out = {g: torch.zeros(shape.units(g)) for g in granularities}
+    ref = ReferenceRun(model, task, names, ablation, batch_size, fast=True)
+    abl, fast, full = ref.ablation, ref.fast, ref.full
     with frozen(model):
-        abl = Ablation(model, task, names, ablation, batch_size)
-        fast = fast_path_matches(model, task)
-        full = answer_logits(model, task, batch_size=batch_size, fast=fast)
         full_metric = task.score(full).mean()
 
         def measure(masks: dict[str, Tensor]) -> float:

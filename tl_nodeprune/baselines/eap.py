@@ -16,12 +16,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..ablation import Ablation
 from ..circuit import Circuit
 from ..objectives import forward_answers
+from ..reference_run import ReferenceRun
 from ..sites import frozen, model_device
 from ..tasks.base import PromptTask
-from .graph import EdgeGraph, EdgeRun, _capture_names, _Weights
+from .graph import EdgeGraph, EdgeRun, ProjectionWeights, capture_names
 
 
 def eap_scores(
@@ -42,13 +42,14 @@ def eap_scores(
     if corrupted_gradient and ig_steps != 1:
         raise ValueError("corrupted_gradient applies to plain EAP only (ig_steps=1).")
     graph = EdgeGraph.from_model(model)
-    task.check_vocab(graph.shape.d_vocab)
     device = model_device(model)
     total = torch.zeros(graph.n_edges, device=device)
     ones = torch.ones(graph.n_edges, device=device)
+    ablation = ReferenceRun(
+        model, task, capture_names(graph), batch_size=batch_size, full_logits=False
+    ).ablation
     with frozen(model):
-        weights = _Weights(model, graph.shape)
-        ablation = Ablation(model, task, _capture_names(graph), "corrupted", batch_size)
+        weights = ProjectionWeights(model, graph.shape)
         for start in range(0, len(task), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(task)))
             part = task.subset(idx)

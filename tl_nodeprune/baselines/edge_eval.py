@@ -10,11 +10,11 @@ from torch import Tensor
 
 from ..ablation import Ablation
 from ..circuit import Circuit
-from ..evaluate import Evaluation
-from ..objectives import answer_logits
+from ..evaluation import Evaluation
+from ..reference_run import ReferenceRun
 from ..sites import frozen, model_device
 from ..tasks.base import PromptTask
-from .graph import EdgeGraph, _capture_names, _Weights, edge_forward
+from .graph import EdgeGraph, ProjectionWeights, capture_names, edge_forward
 
 
 def edge_mask_of(graph: EdgeGraph, edges: tuple[str, ...] | list[str]) -> Float[Tensor, " edges"]:
@@ -32,8 +32,8 @@ def edge_logits(
 ) -> Float[Tensor, "batch vocab"]:
     """Answer logits with edges weighted by `mask` (corrupted ablation), without gradient."""
     with frozen(model):
-        weights = _Weights(model, graph.shape)
-        ablation = Ablation(model, task, _capture_names(graph), "corrupted", batch_size)
+        weights = ProjectionWeights(model, graph.shape)
+        ablation = Ablation(model, task, capture_names(graph), "corrupted", batch_size)
         return masked_logits(model, graph, task, mask, ablation, weights, batch_size)
 
 
@@ -43,7 +43,7 @@ def masked_logits(
     task: PromptTask,
     mask: Tensor,
     ablation: Ablation,
-    weights: _Weights,
+    weights: ProjectionWeights,
     batch_size: int = 32,
     fast: bool = True,
 ) -> Float[Tensor, "batch vocab"]:
@@ -73,11 +73,14 @@ def evaluate_edges(
         raise ValueError("This circuit has no edges; use tnp.evaluate for node circuits.")
     circuit.check_model(model)
     graph = EdgeGraph.from_model(model)
-    kept = edge_logits(model, graph, task, edge_mask_of(graph, circuit.edges), batch_size)
-    empty = edge_logits(model, graph, task, torch.zeros(graph.n_edges), batch_size)
+    ref = ReferenceRun(model, task, capture_names(graph), batch_size=batch_size)
     with frozen(model):
-        full = answer_logits(model, task, batch_size=batch_size)
-    return Evaluation.from_logits(task, full, kept, empty, "corrupted (edges)")
+        weights = ProjectionWeights(model, graph.shape)
+        kept, empty = (
+            masked_logits(model, graph, ref.task, mask, ref.ablation, weights, batch_size)
+            for mask in (edge_mask_of(graph, circuit.edges), torch.zeros(graph.n_edges))
+        )
+    return Evaluation.from_logits(ref.task, ref.full, kept, empty, "corrupted (edges)")
 
 
 __all__ = ["edge_logits", "edge_mask_of", "evaluate_edges", "masked_logits"]
