@@ -10,14 +10,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from ..ablation import Ablation
 from ..circuit import Circuit
 from ..gates import HardConcrete
-from ..objectives import answer_logits, fast_path_matches, kl_divergence
-from ..pruner import _batches
+from ..objectives import kl_divergence
+from ..reference_run import ReferenceRun
 from ..sites import frozen, model_device
 from ..tasks.base import PromptTask
-from .graph import EdgeGraph, _capture_names, _Weights, edge_forward
+from ..training import BatchPlan, History, Sparsity, ramp
+from .graph import EdgeGraph, ProjectionWeights, capture_names, edge_forward
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class EdgePruneConfig:
 
     The expected kept fraction of edges (and of writer nodes with `node_masks`) is held to
     1 - target by a Lagrangian, lambda * gap + rho * gap**2, with lambda trained by gradient
-    ascent; the target ramps up linearly over `warmup_steps`, as in the paper.
+    ascent; the target ramps up linearly over `warmup_steps`, as in the paper. The history
+    stays on the device and is read every `log_every` steps (a non-finite loss raises then).
     """
 
     steps: int = 300
@@ -48,9 +49,10 @@ class EdgePruneConfig:
     hard_concrete: HardConcrete = field(default_factory=HardConcrete)
     seed: int = 0
     progress: bool = True
+    log_every: int = 25
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "log_every"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"EdgePruneConfig.{name} must be a positive int, got {value!r}.")
@@ -68,7 +70,8 @@ class EdgePruneConfig:
             raise ValueError(f"EdgePruneConfig.threshold must be in (0, 1), got {self.threshold}.")
 
     def ramp(self, step: int) -> float:
-        return 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
+        """Warm-up factor in (0, 1] for the targets at `step`."""
+        return ramp(step, self.warmup_steps)
 
 
 class EdgeMasks(nn.Module):
@@ -108,48 +111,46 @@ def edge_pruning(
     if overrides:
         cfg = EdgePruneConfig(**{**cfg.__dict__, **overrides})
     graph = EdgeGraph.from_model(model)
-    task.check_vocab(graph.shape.d_vocab)
     start = time.perf_counter()
     device = model_device(model)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    batches = _batches(torch.Generator().manual_seed(cfg.seed), len(task), cfg.batch_size)
+    plan = BatchPlan.draw(task, cfg.steps, cfg.batch_size, cfg.seed, device)
     masks = EdgeMasks(graph, cfg, device)
     optimizer = torch.optim.Adam(masks.parameters(), lr=cfg.lr)
-    lam = dict.fromkeys(masks.expected_l0(), 0.0)
     targets = {"edges": cfg.target_edge_sparsity, "nodes": cfg.target_node_sparsity}
-    history = []
+    sparsity = Sparsity(
+        {},  # no fixed penalties: every term is a Lagrangian, unscaled (a mean over edges)
+        {k: targets[k] for k in masks.expected_l0()},
+        warmup_steps=cfg.warmup_steps,
+        lagrangian_lr=cfg.lagrangian_lr,
+        lagrangian_rho=cfg.lagrangian_rho,
+        device=device,
+    )
+    history = History(
+        cfg.log_every, f"Run the model in float32 or lower EdgePruneConfig.lr (now {cfg.lr})."
+    )
+    ref = ReferenceRun(model, task, capture_names(graph), batch_size=cfg.batch_size, fast=True)
+    task, ablation, fast, full = ref.task, ref.ablation, ref.fast, ref.full
     with frozen(model):
-        weights = _Weights(model, graph.shape)
-        ablation = Ablation(model, task, _capture_names(graph), "corrupted", cfg.batch_size)
-        fast = fast_path_matches(model, task)
-        full = answer_logits(model, task, batch_size=cfg.batch_size, fast=fast)
+        weights = ProjectionWeights(model, graph.shape)
         for step in trange(cfg.steps, desc="edge pruning", disable=not cfg.progress):
-            idx = next(batches)
-            batch = task.subset(idx)
+            idx, seq, batch = plan.batch(task, step)
             edge_mask, writer_mask = masks.sample(gen)
             logits = edge_forward(
-                model, graph, batch.clean.to(device), batch.answer_pos, edge_mask,
-                ablation.values(idx, batch.clean.shape[1]), fast,
-                writer_mask=writer_mask, weights=weights,
+                model, graph, batch.clean, batch.answer_pos, edge_mask,
+                ablation.values(idx, seq), fast, writer_mask=writer_mask, weights=weights,
             )  # fmt: skip
-            kl = kl_divergence(full[idx.to(device)], logits)
+            kl = kl_divergence(full[idx.to(full.device)], logits)
             l0 = masks.expected_l0()
-            gaps = {k: v - (1.0 - targets[k] * cfg.ramp(step)) for k, v in l0.items()}
-            sparsity = sum(lam[k] * g + cfg.lagrangian_rho * g**2 for k, g in gaps.items())
-            loss = kl + sparsity
+            terms = {"kl": kl, **sparsity.terms(l0, step)}
+            loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            for k, g in gaps.items():
-                lam[k] += cfg.lagrangian_lr * float(g.detach())
-            history.append(
-                {
-                    "step": step,
-                    "kl": float(kl.detach()),
-                    **{k: float(v.detach()) for k, v in l0.items()},
-                }
-            )
-    return _circuit(graph, masks, cfg, task, history, time.perf_counter() - start)
+            sparsity.ascend(l0, step)
+            history.add(step, loss, terms, l0)
+        history.read()
+    return _circuit(graph, masks, cfg, task, history.rows, time.perf_counter() - start)
 
 
 def _circuit(
