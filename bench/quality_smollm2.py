@@ -26,7 +26,7 @@ from tl_nodeprune.cli import DEFAULT_PROMPTS, DEFAULT_TRAIN_FRACTION
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="ioi", choices=("ioi", "greater_than"))
+    p.add_argument("--task", default="ioi", choices=tuple(tnp.tasks.REGISTRY))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--cfg", default="{}", help="JSON of PruneConfig overrides")
     p.add_argument("--n-prompts", type=int, default=DEFAULT_PROMPTS, help="generated per seed")
@@ -38,7 +38,7 @@ def main() -> None:
     args = p.parse_args()
     overrides = json.loads(args.cfg)
     model = tnp.load_model("smollm2-135m")
-    make = {"ioi": tnp.tasks.ioi, "greater_than": tnp.tasks.greater_than}[args.task]
+    make = tnp.tasks.get(args.task)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:

@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+import types
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
+from . import tasks
 from .ablation import ABLATIONS
 from .circuit import Circuit
-from .evaluate import evaluate
+from .evaluation import evaluate
+from .granularities import SPECS
 from .pruner import NodePruner, PruneConfig
-from .sites import GRANULARITIES
 
-TASKS = ("ioi", "ioi_independent", "greater_than")
 PLANTED = "planted"
 # 800 of 1,000 prompts to train on: 150 steps of 8 see each at most twice, so a circuit fits
-# the task rather than its training prompts, and 200 prompts are held out (docs/quality.md,
+# the task rather than its training prompts, and 200 prompts are held out (docs/lab/quality.md,
 # sections 5 to 7).
 DEFAULT_PROMPTS = 1000
 DEFAULT_TRAIN_FRACTION = 0.8
+# PruneConfig fields without a generated `discover` option: `--seed` is shared with `evaluate`
+# (`_common`), and the hard-concrete gate shape is a nested dataclass, set from Python.
+NOT_OPTIONS = ("seed", "hard_concrete")
+# What a field's annotation does not say about writing it in the shell.
+_METAVARS: dict[str, str | tuple[str, ...]] = {
+    "penalty": "G=LAMBDA",
+    "target_sparsity": "G=FRACTION",
+    "log_alpha_bounds": ("LOW", "HIGH"),
+}
 
 
 def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -37,13 +49,10 @@ def _model_and_task(args: argparse.Namespace) -> tuple[Any, Any]:
         if args.device is not None:
             problem.model.to(args.device)
         return problem.model, problem.task
-    from . import tasks
     from .models import load_model
 
     model = load_model(args.model, device=args.device)
-    make = {"ioi": tasks.ioi, "ioi_independent": tasks.ioi_independent,
-            "greater_than": tasks.greater_than}[args.task]  # fmt: skip
-    return model, make(model, n=args.n_prompts, seed=args.seed)
+    return model, tasks.get(args.task)(model, n=args.n_prompts, seed=args.seed)
 
 
 def _number(kind: type, low: float, high: float | None = None, low_open: bool = False) -> Any:
@@ -66,13 +75,117 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
 POSITIVE = _number(int, 1)
 
 
+def _form(hint: Any) -> tuple[str, Any]:
+    """How a PruneConfig annotation is written in the shell, and the annotation without None:
+    "flag" (bool), "pairs" (G=VALUE per granularity), "tuple", "words" (a Literal's values,
+    true/false where bool is allowed too), "number", or "" (no shell form)."""
+    if get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint):
+        rest = tuple(a for a in get_args(hint) if a is not type(None))
+        hint = rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007 (a runtime union)
+    origin = get_origin(hint)
+    if hint is bool:
+        return "flag", hint
+    if origin is Mapping:
+        return "pairs", hint
+    if origin is tuple:
+        return "tuple", hint
+    if _words(hint):
+        return "words", hint
+    return ("number" if hint in (int, float) else ""), hint
+
+
+def _words(hint: Any) -> dict[str, Any]:
+    """The shell words for a Literal annotation, or a Union holding one (bool adds true, false)."""
+    members = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    words: dict[str, Any] = {}
+    for member in members:
+        if get_origin(member) is Literal:
+            words |= {str(v): v for v in get_args(member)}
+        elif member is bool:
+            words |= {"true": True, "false": False}
+    return words
+
+
+def _word(words: dict[str, Any]) -> Callable[[str], Any]:
+    """An argparse type: one of `words`, turned into the value it stands for."""
+
+    def parse(text: str) -> Any:
+        if text not in words:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(words)}, got {text!r}")
+        return words[text]
+
+    return parse
+
+
+def _checked(kind: type, f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number that passes the field's own check, at parse time."""
+    check = f.metadata.get("check")
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if check is not None:
+            try:
+                check(f.name, value)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return parse
+
+
+def _option(f: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
+    """argparse keywords for one PruneConfig field: shape from its annotation, default and help
+    from the field."""
+    form, kind = _form(hint)
+    text = f.metadata["help"].replace("%", "%%")
+    # A flag's default is left out: some argparse versions append it to a flag's help.
+    if f.default is not None and form != "flag":
+        text += f" (default: {f.default})"
+    option: dict[str, Any] = {"default": f.default, "help": text}
+    if form == "flag":
+        return option | {"action": argparse.BooleanOptionalAction}
+    if form == "pairs":
+        return option | {"nargs": "+", "default": [], "metavar": _METAVARS.get(f.name, "G=VALUE")}
+    if form == "tuple":
+        args = get_args(kind)
+        count = "+" if args[-1] is Ellipsis else len(args)
+        # granularities: every registered one, read when the parser is built
+        choices = tuple(SPECS) if f.name == "granularities" else None
+        option |= {"nargs": count, "type": args[0], "choices": choices}
+        return option | ({"metavar": _METAVARS[f.name]} if f.name in _METAVARS else {})
+    if form == "words":
+        words = _words(kind)
+        return option | {"type": _word(words), "metavar": "{" + ",".join(words) + "}"}
+    if form == "number":
+        return option | {"type": _checked(kind, f)}
+    raise TypeError(
+        f"PruneConfig.{f.name} ({hint}) has no command-line form; teach cli._form one, or add "
+        "it to cli.NOT_OPTIONS."
+    )
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    """One option per PruneConfig field but NOT_OPTIONS: `--steps` sets `steps`, and so on."""
+    hints = get_type_hints(PruneConfig)
+    for f in dataclasses.fields(PruneConfig):
+        if f.name not in NOT_OPTIONS:
+            p.add_argument(_flag(f.name), **_option(f, hints[f.name]))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="smollm2-135m",
         help="smollm2-135m (offline), a TransformerLens name such as gpt2, or planted",
     )
-    p.add_argument("--task", default="ioi", choices=(*TASKS, PLANTED))
+    p.add_argument("--task", default="ioi", choices=(*tasks.REGISTRY, PLANTED))
     p.add_argument(
         "--n-prompts",
         type=POSITIVE,
@@ -83,12 +196,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-nodeprune", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("discover", help="learn node masks and write the circuit as JSON")
+def _discover_options(d: argparse.ArgumentParser) -> None:
     _common(d)
-    d.add_argument("--ablation", default="corrupted", choices=ABLATIONS)
     d.add_argument("--out", type=Path, default=Path("circuit.json"))
     d.add_argument(
         "--report",
@@ -99,32 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HTML",
         help="also write a self-contained HTML report (default: --out with .html)",
     )
-    d.add_argument("--steps", type=POSITIVE, default=PruneConfig.steps)
-    d.add_argument("--lr", type=_number(float, 0, low_open=True), default=PruneConfig.lr)
-    d.add_argument("--batch-size", type=POSITIVE, default=PruneConfig.batch_size)
-    d.add_argument("--granularities", nargs="+", choices=GRANULARITIES, default=None)
-    d.add_argument(
-        "--penalty",
-        nargs="+",
-        default=[],
-        metavar="G=LAMBDA",
-        help="weight on the mean expected L0 of a granularity, e.g. head=3",
-    )
-    d.add_argument(
-        "--target-sparsity",
-        nargs="+",
-        default=[],
-        metavar="G=FRACTION",
-        help="fraction of a granularity to prune, e.g. neuron=0.9",
-    )
-    d.add_argument("--warmup-steps", type=_number(int, 0), default=0)
-    d.add_argument(
-        "--target-faithfulness",
-        type=float,
-        default=None,
-        help="return the smallest circuit (along the gate order) whose faithfulness on a "
-        "validation quarter of the training prompts reaches this",
-    )
+    _config_options(d)
     d.add_argument(
         "--train-fraction",
         type=_number(float, 0, 1, low_open=True),
@@ -140,13 +224,9 @@ def _parser() -> argparse.ArgumentParser:
         help="train once per seed (same prompts and split) and print the spread; writes "
         "OUT with .seedN before the suffix for each",
     )
-    e = sub.add_parser(
-        "evaluate",
-        help="faithfulness of a saved circuit on the held-out prompts of its task",
-        description="Scores a saved circuit on the prompts its discovery held out (same task, "
-        "seed, prompt count and split, read from the circuit file) with the ablation it was "
-        "found with, unless the options below say otherwise.",
-    )
+
+
+def _evaluate_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("circuit", type=Path)
     _common(e)
     e.add_argument(
@@ -154,6 +234,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--all-prompts", action="store_true", help="score every prompt, training ones included"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tl-nodeprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _discover_options(
+        sub.add_parser(
+            "discover",
+            help="learn node masks and write the circuit as JSON",
+            description="Learns node masks on the task's training prompts, scores the circuit "
+            "on the held-out rest and writes it as JSON. Every PruneConfig field has an option "
+            "(--seed also draws the prompts and their split) except hard_concrete, which is "
+            "set from Python.",
+        )
+    )
+    _evaluate_options(
+        sub.add_parser(
+            "evaluate",
+            help="faithfulness of a saved circuit on the held-out prompts of its task",
+            description="Scores a saved circuit on the prompts its discovery held out (same "
+            "task, seed, prompt count and split, read from the circuit file) with the ablation "
+            "it was found with, unless the options below say otherwise.",
+        )
     )
     return parser
 
@@ -180,22 +284,29 @@ def _summary(circuit: Circuit) -> str:
 
 
 def _config(args: argparse.Namespace) -> PruneConfig:
-    """The run's PruneConfig, built (and so validated) before any model is loaded."""
+    """The run's PruneConfig from the options named after its fields, built (and so validated)
+    before any model is loaded."""
+    hints = get_type_hints(PruneConfig)
+    values = {}
+    for f in dataclasses.fields(PruneConfig):
+        if f.name in vars(args):
+            value, form = getattr(args, f.name), _form(hints[f.name])[0]
+            if form == "pairs":
+                value = _pairs(value, _flag(f.name)) or None
+            elif form == "tuple" and value is not None:
+                value = tuple(value)
+            values[f.name] = value
     try:
-        return PruneConfig(
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            granularities=tuple(args.granularities) if args.granularities else None,
-            ablation=args.ablation,
-            penalty=_pairs(args.penalty, "--penalty") or None,
-            target_sparsity=_pairs(args.target_sparsity, "--target-sparsity") or None,
-            warmup_steps=args.warmup_steps,
-            target_faithfulness=args.target_faithfulness,
-        )
+        return PruneConfig(**values)
     except ValueError as error:
         raise SystemExit(f"Bad option: {error}") from None
+
+
+def discover_config(argv: list[str]) -> PruneConfig:
+    """The PruneConfig that `tl-nodeprune discover ARGV...` would train with; loads nothing."""
+    args = _parser().parse_args(["discover", *argv])
+    args.seed = 0 if args.seed is None else args.seed
+    return _config(args)
 
 
 def discover(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,7 +333,7 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
     print(f"held-out ({len(held_out)} prompts): {evaluation}")
     print(f"wrote {args.out}")
     if args.report:
-        from .report import report
+        from .reporting import report
 
         path = args.out.with_suffix(".html") if args.report is True else args.report
         report(result, path, evaluation=evaluation, settings={"cli": _cli_settings(args)})

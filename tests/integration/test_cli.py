@@ -1,11 +1,12 @@
 """The command line: discover writes a circuit that evaluate reads back."""
 
+import dataclasses
 import json
 
 import pytest
 
 import tl_nodeprune as tnp
-from tl_nodeprune.cli import main
+from tl_nodeprune.cli import NOT_OPTIONS, discover_config, main
 from tl_nodeprune.planted import planted_problem
 
 PLANTED = ["--model", "planted", "--task", "planted", "--n-prompts", "64"]
@@ -116,3 +117,125 @@ def test_discover_with_seeds_prints_the_spread_and_writes_one_circuit_per_seed(t
     every = {line.split()[0]: int(line.split()[1]) for line in printed.splitlines()
              if line.split()[:1] in (["head"], ["neuron"])}  # fmt: skip
     assert every == {"head": 2, "neuron": 9}
+
+
+# Every PruneConfig field, written as a `discover` option, and the value it must set. Values
+# differ from the defaults (and from each other where two fields share a type), so an option
+# that is missing, or wired to the wrong field, changes the wrong entry of the config.
+SETTINGS = {
+    "steps": (["--steps", "7"], 7),
+    "lr": (["--lr", "0.05"], 0.05),
+    "batch_size": (["--batch-size", "3"], 3),
+    "granularities": (["--granularities", "head", "neuron"], ("head", "neuron")),
+    "ablation": (["--ablation", "mean"], "mean"),
+    "objective": (["--objective", "logit_diff"], "logit_diff"),
+    "penalty": (["--penalty", "head=4", "neuron=0.5"], {"head": 4.0, "neuron": 0.5}),
+    "target_sparsity": (["--target-sparsity", "neuron=0.95"], {"neuron": 0.95}),
+    "warmup_steps": (["--warmup-steps", "11"], 11),
+    "lagrangian_lr": (["--lagrangian-lr", "0.03"], 0.03),
+    "lagrangian_rho": (["--lagrangian-rho", "2.5"], 2.5),
+    "init_log_alpha": (["--init-log-alpha", "1.5"], 1.5),
+    "threshold": (["--threshold", "0.7"], 0.7),
+    "seed": (["--seed", "4"], 4),
+    "progress": (["--no-progress"], False),
+    "log_every": (["--log-every", "9"], 9),
+    "cache_bytes": (["--cache-bytes", "1024"], 1024),
+    "checkpoint": (["--checkpoint", "false"], False),
+    "checkpoint_budget_bytes": (["--checkpoint-budget-bytes", "4096"], 4096),
+    "target_faithfulness": (["--target-faithfulness", "0.85"], 0.85),
+    "validation_fraction": (["--validation-fraction", "0.4"], 0.4),
+    "selection_measure": (["--selection-measure", "kl"], "kl"),
+    "log_alpha_bounds": (["--log-alpha-bounds", "-6", "6"], (-6.0, 6.0)),
+    "lr_final": (["--lr-final", "0.02"], 0.02),
+}
+
+
+def test_every_config_field_but_the_gate_shape_has_a_setting_here():
+    assert set(SETTINGS) == {f.name for f in dataclasses.fields(tnp.PruneConfig)} - {
+        "hard_concrete"
+    }
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_each_option_sets_its_own_field_and_nothing_else(monkeypatch, name):
+    _no_model_loading(monkeypatch)
+    argv, value = SETTINGS[name]
+    assert discover_config(argv) == dataclasses.replace(tnp.PruneConfig(), **{name: value})
+
+
+def test_all_options_at_once_reach_the_config():
+    argv = [word for option, _ in SETTINGS.values() for word in option]
+    config = discover_config(argv)
+    assert {name: getattr(config, name) for name in SETTINGS} == {
+        name: value for name, (_, value) in SETTINGS.items()
+    }
+
+
+def test_no_options_give_the_default_config():
+    assert discover_config([]) == tnp.PruneConfig()
+
+
+def test_objective_logit_diff_reaches_the_pruner(monkeypatch, tmp_path):
+    seen = []
+    real = tnp.NodePruner.__init__
+
+    def spy(self, model, config=None):
+        seen.append(config)
+        real(self, model, config)
+
+    monkeypatch.setattr(tnp.NodePruner, "__init__", spy)
+    out = tmp_path / "c.json"
+    main(["discover", *PLANTED, "--steps", "2", "--objective", "logit_diff", "--out", str(out)])
+    assert [config.objective for config in seen] == ["logit_diff"]
+
+
+@pytest.mark.parametrize(
+    ("option", "word", "value"), [("--checkpoint", "true", True), ("--checkpoint", "auto", "auto")]
+)
+def test_words_map_to_their_values(option, word, value):
+    assert discover_config([option, word]).checkpoint == value
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--objective", "l2"], ["--checkpoint", "yes"], ["--selection-measure", "f1"],
+     ["--threshold", "1"], ["--log-every", "0"], ["--init-log-alpha", "nan"],
+     ["--granularities", "layer"], ["--target-faithfulness", "1.5"]],  # fmt: skip
+)
+def test_bad_values_of_generated_options_are_refused_by_the_parser(monkeypatch, capsys, options):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["discover", *PLANTED, *options])
+    assert exit_info.value.code == 2 and options[0] in capsys.readouterr().err
+
+
+def test_two_field_checks_are_named_before_the_model_loads(monkeypatch):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit, match=r"lr_final must be None or in \(0, lr=0.2\]"):
+        main(["discover", *PLANTED, "--lr-final", "0.5"])
+    with pytest.raises(SystemExit, match="checkpoint_budget_bytes must be a positive int"):
+        main(["discover", *PLANTED, "--checkpoint-budget-bytes", "0"])
+
+
+def test_help_is_the_fields_own(capsys):
+    with pytest.raises(SystemExit):
+        main(["discover", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(tnp.PruneConfig):
+        if f.name not in NOT_OPTIONS:
+            assert " ".join(f.metadata["help"].split()[:6]) in shown, f.name
+
+
+def test_the_task_registry_serves_the_cli_and_refuses_unknown_names():
+    assert tnp.tasks.get("ioi") is tnp.tasks.ioi
+    assert tnp.tasks.get("greater_than") is tnp.tasks.greater_than
+    assert set(tnp.tasks.REGISTRY) == {"ioi", "ioi_independent", "greater_than"}
+    with pytest.raises(ValueError, match="Unknown task 'ioi2'; choose from ioi, ioi_independent"):
+        tnp.tasks.get("ioi2")
+
+
+def test_an_unknown_task_is_refused_before_the_model_loads(monkeypatch, capsys):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["discover", "--task", "ioi2"])
+    assert exit_info.value.code == 2 and "greater_than" in capsys.readouterr().err
