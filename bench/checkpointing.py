@@ -10,7 +10,9 @@ task are loaded (Linux VmHWM, reset after loading); step time is the median over
 after the first. The largest batch x sequence under `--cap-gib` (model included) comes from
 a least-squares fit extra = a + b*tokens + c*tokens*seq to the measured points, checked on
 one more measured point; it is an extrapolation wherever it exceeds the measured range.
-Writes docs/checkpointing.md and docs/checkpointing.csv.
+Writes docs/generated/checkpointing.md and .csv, and nothing else: the prose about these
+numbers is docs/lab/checkpointing.md. `--assemble docs/generated/checkpointing.csv` rewrites
+the page from the saved rows without measuring anything.
 """
 
 from __future__ import annotations
@@ -19,26 +21,27 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.common import (
+    GENERATED,
+    GIB,
+    pipe_table,
+    read_rows,
+    reset_peak_rss,
+    run_fresh,
+    status_bytes,
+)
 
 GPT2_SMALL = dict(n_layers=12, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
 GRANULARITIES = ("attn", "mlp", "head", "neuron")
 MEASURED = [(8, 64), (32, 64), (8, 256)]  # (batch, seq); the scaling fit uses these
 SEQS = (64, 128, 256, 512, 1024)
-GIB = 2**30
 # Corrupted activations cached at the gated hooks, per token: attn_out, mlp_out and z
 # (d_model wide each) and mlp.hook_post (d_mlp wide), in every layer, fp32.
 ABLATED_BYTES_PER_TOKEN = GPT2_SMALL["n_layers"] * (3 * 768 + GPT2_SMALL["d_mlp"]) * 4
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def point(batch: int, seq: int, checkpoint: bool, steps: int, flavour: str) -> dict:
@@ -56,8 +59,8 @@ def point(batch: int, seq: int, checkpoint: bool, steps: int, flavour: str) -> d
     tokens = [torch.randint(0, 50257, (batch, seq), generator=gen) for _ in range(2)]
     answers = [torch.randint(0, 50257, (batch,), generator=gen) for _ in range(2)]
     task = tnp.PromptTask.from_tokens(*tokens, *answers, name="random")
-    loaded = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    loaded = status_bytes("VmRSS")
+    reset_peak_rss()
     starts: list[tuple[float, float]] = []  # (wall, process CPU) at each embedding call
     model.embed.register_forward_pre_hook(
         lambda *_: starts.append((time.perf_counter(), time.process_time()))
@@ -66,7 +69,7 @@ def point(batch: int, seq: int, checkpoint: bool, steps: int, flavour: str) -> d
                              checkpoint=checkpoint, progress=False)  # fmt: skip
     tnp.NodePruner(model, config).fit(task)
     end = (time.perf_counter(), time.process_time())
-    peak = _status_kib("VmHWM")
+    peak = status_bytes("VmHWM")
     marks = [*starts[-steps:], end]  # one embedding call per training step, after the setup
     wall = [b[0] - a[0] for a, b in zip(marks[:-1], marks[1:], strict=True)][1:]
     cpu = [b[1] - a[1] for a, b in zip(marks[:-1], marks[1:], strict=True)][1:]
@@ -74,8 +77,8 @@ def point(batch: int, seq: int, checkpoint: bool, steps: int, flavour: str) -> d
         "batch": batch,
         "seq": seq,
         "checkpoint": checkpoint,
-        "model_gib": round(loaded / 2**20, 3),
-        "extra_gib": round((peak - loaded) / 2**20, 3),
+        "model_gib": round(loaded / GIB, 3),
+        "extra_gib": round((peak - loaded) / GIB, 3),
         "step_s": round(statistics.median(wall), 2),
         "step_cpu_s": round(statistics.median(cpu), 2),
         "estimate_gib": round(activation_bytes(ModelShape.from_model(model), batch, seq) / GIB, 3),
@@ -125,9 +128,7 @@ def saved_for_backward(batch: int, seq: int, flavour: str) -> dict:
 def run_point(batch: int, seq: int, checkpoint: bool, steps: int, flavour: str) -> dict:
     cmd = [sys.executable, __file__, "--point", f"{batch},{seq},{int(checkpoint)}",
            "--steps", str(steps), "--flavour", flavour]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    row = json.loads(out.strip().splitlines()[-1])
+    row = run_fresh(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     print(row, flush=True)
     return row
 
@@ -161,9 +162,8 @@ def main() -> None:
     parser.add_argument("--point", help="batch,seq,checkpoint: measure one point and print it")
     parser.add_argument("--check", default="16,128", help="batch,seq measured against the fit")
     parser.add_argument("--saved", help="batch,seq: print the MiB autograd keeps, off and on")
-    parser.add_argument("--assemble", help="write the report from rows saved as JSON lines")
-    parser.add_argument("--note", default="", help="a paragraph to add under the first table")
-    parser.add_argument("--out", default="docs")
+    parser.add_argument("--assemble", help="write the tables from saved rows (CSV or JSON lines)")
+    parser.add_argument("--out", default=str(GENERATED))
     args = parser.parse_args()
     if args.point:
         batch, seq, ckpt = (int(v) for v in args.point.split(","))
@@ -174,9 +174,8 @@ def main() -> None:
         print(json.dumps(saved_for_backward(batch, seq, args.flavour)))
         return
     check = tuple(int(v) for v in args.check.split(","))
-    if args.assemble:  # rows measured earlier, one JSON object per line
-        lines = Path(args.assemble).read_text().splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
+    if args.assemble:  # rows measured earlier
+        rows = read_rows(Path(args.assemble))
     else:
         rows = [
             run_point(b, s, c, args.steps, args.flavour)
@@ -187,11 +186,8 @@ def main() -> None:
 
 
 def markdown(frame) -> str:
-    """A pipe table (pandas' own needs the optional `tabulate`)."""
-    head = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([head, rule, *body])
+    """A data frame as a Markdown pipe table."""
+    return pipe_table(frame.columns, frame.itertuples(index=False))
 
 
 def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) -> None:
@@ -209,7 +205,7 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         r["predicted_gib"] = round(predict(coefs[r["checkpoint"]], *check), 3)
 
     out = Path(args.out)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
     table.to_csv(out / "checkpointing.csv", index=False)
     model_gib = max(r["model_gib"] for r in rows)
@@ -257,8 +253,6 @@ def write(rows: list[dict], check: tuple[int, int], args: argparse.Namespace) ->
         "`ablated values` is computed, not measured: the corrupted activations cached at the "
         "gated hooks for the task (here one batch); each step also indexes a copy for its "
         "batch, so about twice this is held whether or not blocks are checkpointed.",
-        "",
-        args.note,
         "",
         "All points (estimate = `checkpoint.activation_bytes`, what 'auto' compares with "
         "`checkpoint_budget_bytes`):",

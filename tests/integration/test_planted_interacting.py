@@ -55,7 +55,7 @@ def test_interacting_units_are_wired_as_documented(flavour):
 
 
 def test_default_discovery_recovers_the_interacting_circuit_exactly(flavour):
-    seed = 1  # seeds 0-2 on every flavour: docs/quality.md; one here keeps the suite fast
+    seed = 1  # seeds 0-2 on every flavour: docs/lab/quality.md; one here keeps the suite fast
     problem = interacting_problem(flavour, seed=seed, strength=0.15)
     config = tnp.PruneConfig(progress=False, seed=seed)
     found = tnp.NodePruner(problem.model, config).fit(problem.task).circuit

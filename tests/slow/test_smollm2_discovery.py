@@ -20,7 +20,7 @@ pytestmark = [
 
 # The goal for the defaults (issue 9): held-out f >= 0.9 with at most 15% of heads and 5% of
 # neurons for every seed. Seeds 0, 1, 2 meet it with 13% of heads, 4.3-4.6% of neurons and
-# f 0.943-1.142 (docs/quality.md, section 7): a change that makes any of them larger or less
+# f 0.943-1.142 (docs/lab/quality.md, section 7): a change that makes any of them larger or less
 # faithful fails here.
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ioi_circuit_meets_the_goal_on_held_out_prompts(seed, tmp_path, capsys):

@@ -1,0 +1,62 @@
+"""Helpers shared by the bench scripts: Linux memory readings, fresh-process points, tables.
+
+Import as `from bench.common import ...`, with the repository root on the path
+(`PYTHONPATH=. python bench/SCRIPT.py`, as every script's docstring shows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+GENERATED = Path("docs/generated")  # tables the scripts write; never edited by hand
+
+
+def status_bytes(field: str) -> int:
+    """A field of /proc/self/status in bytes: `VmRSS` (resident now), `VmHWM` (its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's resident-set high-water mark (`VmHWM`) to its current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def run_fresh(cmd: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
+    """Run `cmd` in a new process; the JSON object on the last line it prints.
+
+    A fresh process per point keeps one point's allocator high-water mark out of the next.
+    Raises `subprocess.CalledProcessError` (with the captured stderr) when it fails.
+    """
+    done = subprocess.run(list(cmd), capture_output=True, text=True, env=dict(env), check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Points saved earlier: a CSV a script wrote (missing cells read as None) or JSON lines."""
+    if path.suffix == ".csv":
+        import pandas as pd
+
+        rows = pd.read_csv(path).to_dict(orient="records")
+        return [{k: _none_if_nan(v) for k, v in row.items()} for row in rows]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _none_if_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def pipe_table(columns: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown pipe table of `str(cell)` (pandas' own `to_markdown` needs `tabulate`)."""
+    head = "| " + " | ".join(map(str, columns)) + " |"
+    rule = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
