@@ -43,7 +43,7 @@ from .sites import (
     model_device,
 )
 from .tasks.base import PromptTask
-from .training import BatchPlan, History, Sparsity, cosine_schedule
+from .training import BatchPlan, History, Sparsity, cosine_schedule, ramp
 
 # Default price of keeping one node, per built-in granularity, in units of the faithfulness
 # loss: each granularity's `GranularitySpec.price` (`tl_nodeprune.granularities`, which says
@@ -309,7 +309,7 @@ class PruneConfig:
 
     def ramp(self, step: int) -> float:
         """Warm-up factor in (0, 1] for penalties and targets at `step`."""
-        return 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
+        return ramp(step, self.warmup_steps)
 
 
 @dataclass
