@@ -24,6 +24,7 @@ from . import compare as _compare_module
 from . import evaluate as _evaluate_module
 from . import report as _report_module
 from . import sweep as _sweep_module
+from .certificate import certify
 from .circuit import Circuit
 from .comparison import auc, compare, compare_circuits, roc, roc_auc
 from .evaluation import Evaluation, Evaluator, evaluate

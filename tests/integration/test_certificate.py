@@ -1,0 +1,102 @@
+"""The certificate: after `certify` no single node flip improves loss + price (brute force)."""
+
+import pytest
+import torch
+
+from tl_nodeprune.certificate import OPTIMAL, certify
+from tl_nodeprune.circuit import Circuit
+from tl_nodeprune.evaluation import Evaluator
+from tl_nodeprune.granularities import parse_node_name, spec
+from tl_nodeprune.planted import add_distractors, planted_problem
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return planted_problem("bridge-native", seed=0, n_prompts=64)
+
+
+@pytest.fixture(scope="module")
+def distracted():
+    # distractors of strength 0.1 cost 0.004-0.07 nats each when removed: some are worth their
+    # price (0.03 a head, 0.002 a neuron) and some are not, so the optimum is not the truth
+    problem = planted_problem("bridge-native", seed=0, n_prompts=64)
+    return add_distractors(problem, per_layer=1, strength=0.1)
+
+
+def objective(evaluator: Evaluator, circuit: Circuit) -> float:
+    """KL plus the default price of every kept node, computed here independently of certify."""
+    price = sum(spec(parse_node_name(n)[0]).price for n in circuit.nodes)
+    return evaluator(circuit).kl + price
+
+
+def single_flips(circuit: Circuit) -> list[list[str]]:
+    """Node lists one flip away: a node removed with what it holds, or restored whole with
+    its blocks (a head with its attention block, a block with all its heads or neurons)."""
+    shape = circuit.shape
+    every = Circuit(shape, {g: torch.ones(shape.units(g)) for g in circuit.granularities})
+    kept = set(circuit.nodes)
+    out = []
+    for node in every.nodes:
+        inside = {n for n in every.nodes if n.startswith(node + ".")} | {node}
+        if node in kept:
+            out.append(sorted(kept - inside))
+        else:
+            out.append(sorted(kept | inside | {node.split(".")[0]}))
+    return out
+
+
+def test_no_single_flip_improves_the_certified_circuit_by_brute_force(distracted):
+    truth = distracted.circuit
+    cert = certify(distracted.model, truth, distracted.task)
+    assert cert.locally_optimal and cert.statement == OPTIMAL
+    assert sum(cert.unchecked.values()) == 0
+    assert len(cert.flips) > 0, "the distractors worth their price must be restored"
+    evaluator = Evaluator(distracted.model, distracted.task, granularities=truth.granularities)
+    best = objective(evaluator, cert.circuit)
+    assert best == pytest.approx(cert.objective, abs=1e-5)
+    flips = single_flips(cert.circuit)
+    assert len(flips) == 3 + 3 + 12 + 96  # every block, head and neuron of the tiny model
+    for nodes in flips:
+        other = Circuit.from_nodes(truth.shape, nodes, truth.granularities)
+        assert objective(evaluator, other) > best - 1e-6, f"flip to {nodes} improves"
+
+
+@pytest.mark.parametrize("kind", ["head", "neuron"])
+def test_a_damaged_circuit_is_repaired(problem, kind):
+    truth = problem.circuit
+    lost = next(n for n in truth.nodes if parse_node_name(n)[0] == kind)
+    damaged = Circuit.from_nodes(
+        truth.shape, [n for n in truth.nodes if n != lost], truth.granularities
+    )
+    cert = certify(problem.model, damaged, problem.task)
+    assert cert.circuit.nodes == truth.nodes
+    assert cert.locally_optimal
+    assert cert.flips[["node", "action"]].values.tolist() == [[lost, "restore"]]
+    row = cert.flips.iloc[0]
+    assert row.loss_before > row.price > row.loss_after
+
+
+def test_ranked_neurons_still_find_the_lost_one_and_say_what_was_not_checked(problem):
+    truth = problem.circuit
+    lost = next(n for n in truth.nodes if parse_node_name(n)[0] == "neuron")
+    damaged = Circuit.from_nodes(
+        truth.shape, [n for n in truth.nodes if n != lost], truth.granularities
+    )
+    # 89 closed neurons, 4 tried: only a ranking by attribution finds the lost one
+    cert = certify(problem.model, damaged, problem.task, granularities=("neuron",),
+                   max_candidates=4)  # fmt: skip
+    assert cert.circuit.nodes == truth.nodes
+    assert not cert.locally_optimal
+    assert cert.unchecked == {"neuron": (96 - 9 - 4) + (9 - 4)}
+    assert "88 candidates were not checked" in cert.statement
+
+
+def test_an_unneeded_node_is_removed(problem):
+    truth = problem.circuit
+    extra = "a0.h2"  # layer 0's attention is silent: neither the head nor its block is needed
+    padded = Circuit.from_nodes(truth.shape, [*truth.nodes, "a0", extra], truth.granularities)
+    cert = certify(problem.model, padded, problem.task)
+    assert cert.circuit.nodes == truth.nodes
+    assert cert.locally_optimal
+    assert set(cert.flips.action) == {"remove"}
+    assert cert.flips.price.sum() == pytest.approx(0.06)
