@@ -31,6 +31,7 @@ from .objectives import (
     check_objective,
     faithfulness_loss,
     forward_answers,
+    kl_divergence,
 )
 from .reference_run import ReferenceRun
 from .seed_spread import SeedSpread
@@ -43,12 +44,19 @@ from .sites import (
     model_device,
 )
 from .tasks.base import PromptTask
-from .training import BatchPlan, History, Sparsity, cosine_schedule, ramp
+from .training import BatchPlan, History, KLBudget, Sparsity, cosine_schedule, ramp
 
 # Default price of keeping one node, per built-in granularity, in units of the faithfulness
 # loss: each granularity's `GranularitySpec.price` (`tl_nodeprune.granularities`, which says
 # how the prices were chosen).
 DEFAULT_NODE_COST: dict[str, float] = {g: s.price for g, s in SPECS.items()}
+
+# Default rate of PruneConfig.target_kl's dual ascent on the sparsity scale, per unit of KL
+# gap per step. On planted models (tests/integration/test_target_kl.py) 1 left the scale far
+# from equilibrium after 150-300 steps; 10 brings the training KL to budgets of 0.05-0.4
+# within 300 steps, overshooting by up to ~40% (the scale lags the gates, and gates closed
+# for good cannot come back when the scale falls).
+KL_LR = 10.0
 
 
 @dataclass(frozen=True)
@@ -276,6 +284,24 @@ class PruneConfig:
             "that late steps move gates less than early ones."
         ),
     )
+    target_kl: float | None = field(
+        default=None,
+        metadata=_meta(
+            "If set, a KL budget: every sparsity term is multiplied by a scale (from 1, kept "
+            ">= 0) that dual ascent moves by kl_lr * (target_kl - KL) after each step, so that "
+            "KL(full || gated) on the training batch, not a validation split, sits at the "
+            "budget (whatever the objective); the history shows the step's KL as train_kl and "
+            "the scale as kl_budget_scale.",
+            _Check(
+                "None or a finite number > 0",
+                lambda v: v is None or (v > 0 and math.isfinite(v)),
+            ),
+        ),
+    )
+    kl_lr: float = field(
+        default=KL_LR,
+        metadata=_meta("Rate of target_kl's dual ascent on the sparsity scale.", _RATE),
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -432,6 +458,9 @@ class PruneRun:
             lagrangian_rho=cfg.lagrangian_rho,
             device=device,
         )
+        self.budget = None
+        if cfg.target_kl is not None:
+            self.budget = KLBudget(cfg.target_kl, cfg.kl_lr, device)
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=cfg.lr)
         self.schedule = None
         if cfg.lr_final is not None:
@@ -465,7 +494,10 @@ class PruneRun:
             full = self.full[idx.to(self.full.device)]
             faith = faithfulness_loss(cfg.objective, logits, full, batch)
             l0 = self.gates.expected_l0()
-            terms = {"faithfulness": faith, **self.sparsity.terms(l0, step)}
+            sparse = self.sparsity.terms(l0, step)
+            if self.budget is not None:
+                sparse = self.budget.apply(sparse)
+            terms = {"faithfulness": faith, **sparse}
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -475,7 +507,17 @@ class PruneRun:
         if cfg.log_alpha_bounds is not None:
             self.gates.clamp_(*cfg.log_alpha_bounds)
         self.sparsity.ascend(l0, step)
-        self.history.add(step, loss, terms, self._columns(l0, step))
+        extra = self._columns(l0, step)
+        if self.budget is not None:
+            if cfg.objective == "kl":
+                kl = faith.detach()
+            else:
+                with torch.no_grad():
+                    kl = kl_divergence(full, logits)
+            scale = self.budget.scale  # this step's; `ascend` replaces it, never edits it
+            self.budget.ascend(kl)
+            extra.update(train_kl=kl, kl_budget_scale=scale)
+        self.history.add(step, loss, terms, extra)
 
     def _columns(self, l0: dict[str, Tensor], step: int) -> dict[str, Tensor | float]:
         """History columns beside the loss: expected L0, kept fraction and weight per level."""

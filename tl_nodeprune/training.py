@@ -1,8 +1,9 @@
 """Training machinery shared by `NodePruner` and edge pruning.
 
 Batch order (every example once per epoch, drawn on the host before the loop), the warm-up
-ramp, sparsity terms (fixed penalties or an augmented Lagrangian), the cosine learning-rate
-schedule, and a history that stays on the device and is read back only at log intervals.
+ramp, sparsity terms (fixed penalties or an augmented Lagrangian, optionally scaled to a KL
+budget), the cosine learning-rate schedule, and a history that stays on the device and is
+read back only at log intervals.
 """
 
 from __future__ import annotations
@@ -136,6 +137,30 @@ class Sparsity:
         return self.penalties[g] * ramp(step, self.warmup_steps)
 
 
+class KLBudget:
+    """One non-negative multiplier on every sparsity term, held by dual ascent so that
+    KL(full || gated) sits at `target` (the smallest circuit within a faithfulness budget).
+
+    It starts at 1; after each step `ascend` adds `lr * (target - kl)` and clamps at 0, so the
+    pressure to prune grows while the circuit is more faithful than the budget asks and falls
+    when it is less. `kl` is that step's KL on its training batch, not on a validation split:
+    the budget is met on the prompts the gates are trained on. Everything stays on the device.
+    """
+
+    def __init__(self, target: float, lr: float, device: Any) -> None:
+        self.target, self.lr = target, lr
+        self.scale = torch.ones((), device=device)
+
+    def apply(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """`terms` each times the current multiplier."""
+        return {name: self.scale * value for name, value in terms.items()}
+
+    def ascend(self, kl: Tensor) -> None:
+        """Dual ascent step on the multiplier: a new device tensor, the old one left as it was
+        (a history row may still hold it)."""
+        self.scale = (self.scale + self.lr * (self.target - kl.detach())).clamp(min=0)
+
+
 class History:
     """Per-step loss, loss terms and other columns, kept on the device until read.
 
@@ -195,4 +220,6 @@ class History:
         )
 
 
-__all__ = ["BatchPlan", "History", "Sparsity", "batches", "cosine_schedule", "ramp", "split"]
+__all__ = [
+    "BatchPlan", "History", "KLBudget", "Sparsity", "batches", "cosine_schedule", "ramp", "split",
+]

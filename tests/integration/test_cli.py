@@ -147,6 +147,8 @@ SETTINGS = {
     "selection_measure": (["--selection-measure", "kl"], "kl"),
     "log_alpha_bounds": (["--log-alpha-bounds", "-6", "6"], (-6.0, 6.0)),
     "lr_final": (["--lr-final", "0.02"], 0.02),
+    "target_kl": (["--target-kl", "0.3"], 0.3),
+    "kl_lr": (["--kl-lr", "7.5"], 7.5),
 }
 
 

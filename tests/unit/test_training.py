@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tl_nodeprune.tasks.base import PromptTask
-from tl_nodeprune.training import BatchPlan, History, Sparsity, batches, ramp
+from tl_nodeprune.training import BatchPlan, History, KLBudget, Sparsity, batches, ramp
 
 
 def test_every_example_is_seen_once_per_epoch_in_a_fresh_order():
@@ -55,6 +55,25 @@ def test_fixed_penalty_warms_up_and_lagrangian_multiplier_rises_while_above_targ
     assert sparsity.multipliers["neuron"].item() == pytest.approx(0.1 * (0.15 + 0.4 + 0.4))
     terms = sparsity.terms(l0, step=3)
     assert terms["sparsity_neuron"].item() == pytest.approx(10 * 0.095 * 0.4)
+
+
+def test_kl_budget_scale_starts_at_one_rises_below_budget_falls_above_and_stops_at_zero():
+    budget = KLBudget(target=0.2, lr=10.0, device="cpu")
+    terms = {"sparsity_head": torch.tensor(0.5), "sparsity_neuron": torch.tensor(2.0)}
+    assert {k: v.item() for k, v in budget.apply(terms).items()} == {
+        "sparsity_head": 0.5, "sparsity_neuron": 2.0
+    }
+    first = budget.scale
+    budget.ascend(torch.tensor(0.1))  # below the budget: 1 + 10 * 0.1
+    assert budget.scale.item() == pytest.approx(2.0)
+    assert first.item() == 1.0, "a step's scale is replaced, not edited (its history row holds it)"
+    assert budget.apply(terms)["sparsity_neuron"].item() == pytest.approx(4.0)
+    budget.ascend(torch.tensor(0.3, requires_grad=True))  # above: 2 - 10 * 0.1
+    assert budget.scale.item() == pytest.approx(1.0) and not budget.scale.requires_grad
+    budget.ascend(torch.tensor(5.0))  # far above: clamped at 0, not negative
+    assert budget.scale.item() == 0.0
+    budget.ascend(torch.tensor(0.15))
+    assert budget.scale.item() == pytest.approx(0.5)
 
 
 def test_history_reads_at_intervals_and_names_the_first_non_finite_step():
