@@ -139,11 +139,6 @@ def check_granularity(granularity: str) -> None:
     spec(granularity)
 
 
-def names() -> tuple[str, ...]:
-    """Every registered granularity, parents before children."""
-    return tuple(SPECS)
-
-
 def ancestors(granularity: str) -> tuple[str, ...]:
     """The chain of parents of `granularity`, nearest first."""
     out: list[str] = []
@@ -183,7 +178,6 @@ __all__ = [
     "GranularitySpec",
     "ancestors",
     "check_granularity",
-    "names",
     "node_name",
     "parse_node_name",
     "register_granularity",

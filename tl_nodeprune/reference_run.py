@@ -46,12 +46,10 @@ class ReferenceRun:
         fast: bool = False,
         full_logits: bool = True,
     ) -> None:
-        self.model, self.batch_size = model, batch_size
-        self.shape = ModelShape.from_model(model)
-        task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
-        self.device = model_device(model)
+        shape = ModelShape.from_model(model)
+        task.check_vocab(shape.d_vocab, shape.vocab_out)
         with frozen(model):
-            self.task = task.to(self.device)
+            self.task = task.to(model_device(model))
             self.ablation = Ablation(model, self.task, list(names), ablation, batch_size,
                                      cache_bytes)  # fmt: skip
             self.fast = fast and fast_path_matches(model, self.task)
@@ -60,11 +58,6 @@ class ReferenceRun:
                 if full_logits
                 else None
             )
-
-    @property
-    def kind(self) -> str:
-        """The ablation: "corrupted", "mean" or "zero"."""
-        return self.ablation.kind
 
 
 __all__ = ["ReferenceRun", "faithfulness"]

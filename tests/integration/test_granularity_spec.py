@@ -110,3 +110,27 @@ def test_fit_save_load_evaluate_compare_plot_and_report(toy, problem, tmp_path):
     assert f"{kept}/{shape.n_layers * shape.d_model} kept" in fig.layout.title.text
     page = tnp.report(result, tmp_path / "toy.html").read_text()
     assert "MLP output dimensions:" in page
+
+
+def test_register_granularity_adds_one_and_refuses_clashes(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("tl_nodeprune.granularities.SPECS", dict(SPECS))
+    from tl_nodeprune import granularities
+
+    granularities.register_granularity(TOY)
+    assert granularities.spec(TOY.name) is TOY
+    assert granularities.parse_node_name("m2.o4") == (TOY.name, (2, 4))
+    with pytest.raises(ValueError, match="already registered"):
+        granularities.register_granularity(TOY)
+    with pytest.raises(ValueError, match="are taken"):  # m3.n5 would name two kinds of node
+        granularities.register_granularity(
+            GranularitySpec("neuron_copy", "blocks.{layer}.mlp.hook_pre", ("d_mlp",), ("d_mlp",),
+                            ("m", "n"), 0.002, parent="mlp")  # fmt: skip
+        )
+    with pytest.raises(ValueError, match="not registered"):
+        granularities.register_granularity(
+            GranularitySpec("orphan", "blocks.{layer}.hook_resid_post", (), ("d_model",), ("r",),
+                            0.03, parent="residual")  # fmt: skip
+        )
+    with pytest.raises(ValueError, match="first activation axes"):
+        GranularitySpec("bad", "blocks.{layer}.attn.hook_z", ("d_head",), ("n_heads", "d_head"),
+                        ("a", "x"), 0.01)  # fmt: skip
