@@ -14,7 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from . import tasks
+from . import distributed, tasks
 from .ablation import ABLATIONS
 from .circuit import Circuit
 from .evaluation import evaluate
@@ -316,9 +316,14 @@ def discover(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model, task = _model_and_task(args)
     train, held_out = task.split(args.train_fraction, seed=args.seed)
+    if distributed.is_main() and distributed.world() > 1:  # under torchrun
+        how = "seeds dealt over" if args.seeds else "data parallel over"
+        print(f"{how} {distributed.world()} ranks ({torch.distributed.get_backend()})")
     if args.seeds:
         return _discover_seeds(args, model, train, held_out, config)
     result = NodePruner(model, config).fit(train)
+    if not distributed.is_main():  # rank 0 evaluates, writes and prints
+        return {"circuit": result.circuit}
     evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
     result.circuit.meta.update(
         model=args.model,
@@ -352,6 +357,8 @@ def _discover_seeds(
     """One discovery per seed; print each circuit's size and held-out faithfulness, and the
     nodes every seed kept."""
     spread = NodePruner(model, config).fit_seeds(train, args.seeds)
+    if not distributed.is_main():  # every rank holds the spread; rank 0 writes it
+        return {"spread": spread}
     table = spread.summary()
     for seed, result in spread.results.items():
         evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
@@ -390,7 +397,10 @@ def evaluate_saved(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
-    {"discover": discover, "evaluate": evaluate_saved}[args.command](args)
+    # Under torchrun (WORLD_SIZE > 1): join the process group; each GPU rank uses its own GPU.
+    with distributed.launched(args.device) as device:
+        args.device = device
+        {"discover": discover, "evaluate": evaluate_saved}[args.command](args)
     print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
 

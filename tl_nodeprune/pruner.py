@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from . import distributed
 from .ablation import (
     DEFAULT_CACHE_BYTES,
     AblationKind,
@@ -366,10 +367,10 @@ class NodePruner:
         seeds = list(dict.fromkeys(int(s) for s in seeds))
         if not seeds:
             raise ValueError("seeds is empty; pass e.g. seeds=(0, 1, 2).")
-        results = {
-            seed: NodePruner(self.model, replace(self.config, seed=seed)).fit(task)
-            for seed in seeds
-        }
+        # Under a process group, the seeds are dealt over the ranks (tl_nodeprune.distributed).
+        results = distributed.map_seeds(
+            lambda seed: NodePruner(self.model, replace(self.config, seed=seed)).fit(task), seeds
+        )
         return SeedSpread(results)
 
     def fit(self, task: PromptTask) -> PruneResult:
@@ -381,7 +382,8 @@ class NodePruner:
         if cfg.target_faithfulness is not None:
             task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
         with self.training(task) as run:
-            for step in trange(cfg.steps, desc="pruning", disable=not cfg.progress):
+            quiet = not cfg.progress or not distributed.is_main()
+            for step in trange(cfg.steps, desc="pruning", disable=quiet):
                 run.step(step)
             run.history.read()
         return self._result(run, validation, start)
@@ -393,7 +395,8 @@ class NodePruner:
         The model stays frozen (eval mode, no weight gradients) until the context exits.
         bench/memory.py times `step` through this, so it measures the code `fit` runs.
         """
-        with frozen(self.model):
+        n_gates = sum(math.prod(self.shape.units(g)) for g in self.granularities)
+        with frozen(self.model), distributed.guard(n_gates, model_device(self.model)):
             yield PruneRun(self, task)
 
     def _result(
@@ -411,6 +414,7 @@ class NodePruner:
                 "seed": cfg.seed,
                 "ablation": cfg.ablation,
                 "granularities": list(self.granularities),
+                **distributed.meta(),  # {"ranks": N} when data parallel over N ranks
             },
         )
         log_alpha = {g: la.detach().cpu().clone() for g, la in run.gates.log_alpha.items()}
@@ -447,7 +451,9 @@ class PruneRun:
         # the weights for the same prompts.
         self.nograd = 2 * cfg.batch_size
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        self.plan = BatchPlan.draw(task, cfg.steps, cfg.batch_size, cfg.seed, device)
+        # Every rank draws the global batches; each trains on its own slice of them.
+        plan = BatchPlan.draw(task, cfg.steps, cfg.batch_size, cfg.seed, device)
+        self.plan = distributed.shard_plan(plan)
         self.gates = GateSet(shape, grans, cfg.init_log_alpha, cfg.hard_concrete, device)
         self.sparsity = Sparsity(
             {g: cfg.penalty_for(g, shape) for g in grans},
@@ -501,6 +507,9 @@ class PruneRun:
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Over ranks: mean gate gradients (identical gates everywhere), mean faithfulness.
+            loss, faith = distributed.sync_step(self.gates.parameters(), loss, faith, len(idx))
+            terms["faithfulness"] = faith
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
@@ -513,7 +522,7 @@ class PruneRun:
                 kl = faith.detach()
             else:
                 with torch.no_grad():
-                    kl = kl_divergence(full, logits)
+                    kl = distributed.mean_over_ranks(kl_divergence(full, logits), len(idx))
             scale = self.budget.scale  # this step's; `ascend` replaces it, never edits it
             self.budget.ascend(kl)
             extra.update(train_kl=kl, kl_budget_scale=scale)
