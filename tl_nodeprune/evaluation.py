@@ -23,6 +23,11 @@ from .reference_run import ReferenceRun, faithfulness
 from .sites import ModelShape, check_sites, frozen, model_device
 from .tasks.base import PromptTask
 
+# Faithfulness above this is an overshoot, not a success: the circuit does the task better than
+# the model because it leaves out nodes that work against the answer (IOI's negative name
+# movers), so it misdescribes the model as surely as f 0.9 below one does.
+OVERSHOOT = 1.1
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -54,6 +59,11 @@ class Evaluation:
             ablation=ablation,
         )
 
+    @property
+    def overshoot(self) -> bool:
+        """Faithfulness above `OVERSHOOT` (1.1): the circuit beats the model at the task."""
+        return self.faithfulness > OVERSHOOT
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -65,7 +75,9 @@ class Evaluation:
             f"faithfulness {self.faithfulness:.3f} (metric: full {self.metric_full:.3f}, "
             f"circuit {self.metric_circuit:.3f}, empty {self.metric_empty:.3f}; "
             f"KL(full||circuit) {self.kl:.4f}; {self.n_prompts} prompts, {self.ablation} ablation)"
-        )
+            + (f"; OVERSHOOT: f > {OVERSHOOT}, the circuit leaves out nodes that work against "
+               "the answer" if self.overshoot else "")
+        )  # fmt: skip
 
 
 def circuit_logits(

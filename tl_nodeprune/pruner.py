@@ -23,6 +23,7 @@ from .ablation import (
     mixing_hooks,
     site_masks,
 )
+from .certificate import Certificate, certify
 from .checkpoint import CheckpointMode, blocks_to_checkpoint, check_checkpoint, checkpointed_blocks
 from .circuit import Circuit
 from .gates import GateSet, HardConcrete
@@ -45,7 +46,15 @@ from .sites import (
     model_device,
 )
 from .tasks.base import PromptTask
-from .training import BatchPlan, History, KLBudget, Sparsity, cosine_schedule, ramp
+from .training import (
+    BatchPlan,
+    History,
+    KLBudget,
+    Sparsity,
+    cosine_schedule,
+    ramp,
+    warn_repeated_prompts,
+)
 
 # Default price of keeping one node, per built-in granularity, in units of the faithfulness
 # loss: each granularity's `GranularitySpec.price` (`tl_nodeprune.granularities`, which says
@@ -257,7 +266,9 @@ class PruneConfig:
     validation_fraction: float = field(
         default=0.25,
         metadata=_meta(
-            "Share of the prompts that target_faithfulness holds out to select on.", _OPEN_UNIT
+            "Share of the prompts that target_faithfulness and certify hold out (the same "
+            "split) to select and to certify on.",
+            _OPEN_UNIT,
         ),
     )
     selection_measure: Measure = field(
@@ -303,6 +314,23 @@ class PruneConfig:
         default=KL_LR,
         metadata=_meta("Rate of target_kl's dual ascent on the sparsity scale.", _RATE),
     )
+    certify: bool = field(
+        default=False,
+        metadata=_meta(
+            "After training, hold out validation_fraction of the prompts and repair the circuit "
+            "on them until no single node flip lowers the objective plus the price of the kept "
+            "nodes (tl_nodeprune.certify); the result and the circuit's meta carry the "
+            "certificate, which says whether every flip was checked.",
+        ),
+    )
+    certify_candidates: int = field(
+        default=64,
+        metadata=_meta(
+            "Per granularity and direction, the most flips certify checks in a round; past it, "
+            "the flips ranked best by attribution (the rest are counted as unchecked).",
+            _POSITIVE_INT,
+        ),
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -341,7 +369,8 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
-    """What `fit` returns: the circuit, the per-step history and the learned log_alphas."""
+    """What `fit` returns: the circuit, the per-step history and the learned log_alphas (and,
+    when the config asks for them, the selection and the certificate that chose the circuit)."""
 
     circuit: Circuit
     history: pd.DataFrame
@@ -349,6 +378,7 @@ class PruneResult:
     config: PruneConfig
     seconds: float
     selection: Selection | None = None
+    certificate: Certificate | None = None
 
 
 class NodePruner:
@@ -379,8 +409,9 @@ class NodePruner:
         task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
         start = time.perf_counter()
         validation = None
-        if cfg.target_faithfulness is not None:
+        if cfg.target_faithfulness is not None or cfg.certify:
             task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
+        warn_repeated_prompts(len(task), cfg.steps, cfg.batch_size)
         with self.training(task) as run:
             quiet = not cfg.progress or not distributed.is_main()
             for step in trange(cfg.steps, desc="pruning", disable=quiet):
@@ -429,8 +460,30 @@ class NodePruner:
                 meta=circuit.meta,
             )  # fmt: skip
             circuit = selection.circuit
+        certificate = None
+        if validation is not None and cfg.certify:
+            certificate = self._certify(circuit, validation, run)
+            circuit = certificate.circuit
         seconds = time.perf_counter() - start
-        return PruneResult(circuit, run.history.frame(), log_alpha, cfg, seconds, selection)
+        return PruneResult(
+            circuit, run.history.frame(), log_alpha, cfg, seconds, selection, certificate
+        )
+
+    def _certify(self, circuit: Circuit, validation: PromptTask, run: PruneRun) -> Certificate:
+        """Repair `circuit` on the validation prompts at the prices training used.
+
+        A node's price is its granularity's sparsity weight per node; under target_kl, times
+        the budget's final scale, so the certificate judges the trade training converged to.
+        """
+        cfg = self.config
+        scale = 1.0 if run.budget is None else float(run.budget.scale)
+        price = {g: scale * cfg.penalty_for(g, self.shape) / self.shape.count(g)
+                 for g in self.granularities}  # fmt: skip
+        return certify(
+            self.model, circuit, validation, cfg.objective, price,
+            batch_size=run.nograd, max_candidates=cfg.certify_candidates,
+            ablation=cfg.ablation, cache_bytes=cfg.cache_bytes,
+        )  # fmt: skip
 
 
 class PruneRun:

@@ -21,8 +21,9 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from . import plot
+from .certificate import Certificate
 from .circuit import Circuit
-from .evaluation import Evaluation
+from .evaluation import OVERSHOOT, Evaluation
 from .granularities import SPECS, node_name
 from .pruner import PruneResult
 from .references import HeadClasses, Reference
@@ -71,6 +72,7 @@ def report(
     if evaluation:
         body.append(_table("Held-out evaluation", _pairs(evaluation), {"value": _number}))
     body.append("</div>")
+    body += _certificate(circuit, getattr(result_or_circuit, "certificate", None), evaluation)
     body += [f"<h2>{html.escape(_title(f))}</h2>{_figure_html(f)}" for f in figures]
     body.append("<h2>Kept heads</h2>")
     heads = ", ".join(node_name("head", h) for h in circuit.heads)
@@ -80,6 +82,25 @@ def report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(_page(name, body), encoding="utf-8")
     return path
+
+
+def _certificate(
+    circuit: Circuit, cert: Certificate | None, evaluation: Mapping[str, Any] | None
+) -> list[str]:
+    """The overshoot warning, then the certificate's statement and the flips it made."""
+    out = []
+    if evaluation and evaluation.get("faithfulness", 0) > OVERSHOOT:
+        out.append(
+            f"<p><b>Overshoot:</b> faithfulness {evaluation['faithfulness']:.3f} &gt; "
+            f"{OVERSHOOT}: the circuit does the task better than the model, so it leaves out "
+            "nodes that work against the answer.</p>"
+        )
+    if "certificate" in circuit.meta:
+        out.append(f"<h2>Certificate</h2><p>{html.escape(str(circuit.meta['certificate']))}</p>")
+    if cert is not None and len(cert.flips):
+        numbers = {c: _number for c in cert.flips.columns if c not in ("node", "granularity")}
+        out.append(_table("Flips made on the validation prompts", cert.flips, numbers))
+    return out
 
 
 def _unpack(

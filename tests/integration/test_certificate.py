@@ -1,5 +1,7 @@
 """The certificate: after `certify` no single node flip improves loss + price (brute force)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from tl_nodeprune.circuit import Circuit
 from tl_nodeprune.evaluation import Evaluator
 from tl_nodeprune.granularities import parse_node_name, spec
 from tl_nodeprune.planted import add_distractors, planted_problem
+from tl_nodeprune.pruner import NodePruner, PruneConfig
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +103,16 @@ def test_an_unneeded_node_is_removed(problem):
     assert cert.locally_optimal
     assert set(cert.flips.action) == {"remove"}
     assert cert.flips.price.sum() == pytest.approx(0.06)
+
+
+def test_fit_with_certify_repairs_an_unconverged_run_on_its_validation_split(problem):
+    # 3 steps leave every gate open: without the certificate the circuit is the whole model
+    config = PruneConfig(progress=False, steps=3, certify=True, certify_candidates=128)
+    result = NodePruner(problem.model, config).fit(problem.task)
+    assert result.certificate is not None and result.certificate.locally_optimal
+    assert result.circuit.nodes == problem.circuit.nodes
+    assert result.circuit.meta["certificate"] == OPTIMAL
+    # the pass ran on the held-out quarter, not on the prompts the gates were trained on
+    assert result.certificate.evaluation.n_prompts == 16
+    uncertified = NodePruner(problem.model, replace(config, certify=False)).fit(problem.task)
+    assert uncertified.certificate is None and len(uncertified.circuit.nodes) > 100

@@ -102,3 +102,19 @@ def test_cli_discover_writes_the_report_next_to_the_circuit(tmp_path, capsys):
         main([*args, "--steps", "5", "--out", str(out), "--report", str(tmp_path / "r.html")]) == 0
     )
     assert (tmp_path / "r.html").exists()
+
+
+def test_report_shows_the_certificate_and_flags_an_overshoot(tmp_path):
+    problem = planted_problem("bridge-native", seed=0)
+    # 3 steps leave every gate open; the certificate's removals are what make the circuit
+    config = tnp.PruneConfig(steps=3, seed=0, progress=False, certify=True,
+                             certify_candidates=128)  # fmt: skip
+    result = tnp.NodePruner(problem.model, config).fit(problem.task)
+    overshoot = {"faithfulness": 1.25, "kl": 0.1}
+    text = tnp.report(result, tmp_path / "r.html", evaluation=overshoot).read_text()
+    assert "<h2>Certificate</h2>" in text and "locally optimal" in text
+    assert "Flips made on the validation prompts" in text
+    assert text.count("<td class='text'>remove</td>") == len(result.certificate.flips) > 0
+    assert "<b>Overshoot:</b> faithfulness 1.250" in text
+    plain = tnp.report(result.circuit, tmp_path / "c.html", evaluation={"faithfulness": 1.05})
+    assert "locally optimal" in plain.read_text() and "Overshoot" not in plain.read_text()
