@@ -33,6 +33,11 @@ def main() -> None:
     p.add_argument(
         "--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION, help="the rest is held out"
     )
+    p.add_argument(
+        "--n-train", type=int, default=None,
+        help="train on this many prompts instead (e.g. 96), holding out --n-held-out more",
+    )
+    p.add_argument("--n-held-out", type=int, default=200)
     p.add_argument("--tag", default="run")
     p.add_argument("--out", default="out/quality.jsonl")
     args = p.parse_args()
@@ -43,8 +48,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         torch.manual_seed(seed)
-        task = make(model, n=args.n_prompts, seed=seed)
-        train, held_out = task.split(args.train_fraction, seed=seed)
+        if args.n_train is None:
+            task = make(model, n=args.n_prompts, seed=seed)
+            train, held_out = task.split(args.train_fraction, seed=seed)
+        else:
+            task = make(model, n=args.n_train + args.n_held_out, seed=seed)
+            train, held_out = task.split(args.n_train / len(task), seed=seed)
         config = tnp.PruneConfig(seed=seed, progress=False, **overrides)
         start = time.perf_counter()
         result = tnp.NodePruner(model, config).fit(train)
@@ -66,7 +75,8 @@ def main() -> None:
             "seed": seed,
             "cfg": overrides,
             "n_prompts": args.n_prompts,
-            "train_fraction": args.train_fraction,
+            "n_train": len(train),
+            "n_held_out": len(held_out),
             "fit_s": round(seconds, 1),
             "kept": {g: int(summary.loc[g, "kept"]) for g in summary.index},
             "f": round(evaluation.faithfulness, 4),

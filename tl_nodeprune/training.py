@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,31 @@ class BatchPlan:
         """Step `step`'s indices, prompt length and examples of `task` (on the plan's device)."""
         idx, seq = self.indices[step], self.seqs[step]
         return idx, seq, task.take(idx, seq, self.rows[step] if self.rows else None)
+
+
+# Passes over each training prompt above which a run warns that its gates may fit the prompts'
+# quirks (150 steps of 8 on 96 prompts is 12.5; on 800, 1.5).
+MAX_VIEWS_PER_PROMPT = 10.0
+
+
+class RepeatedPromptsWarning(UserWarning):
+    """A run passes over its training prompts many times (`warn_repeated_prompts`)."""
+
+
+def warn_repeated_prompts(n_prompts: int, steps: int, batch_size: int) -> float:
+    """Warn when a run shows each prompt more than `MAX_VIEWS_PER_PROMPT` times; return the
+    number of views per prompt."""
+    views = steps * batch_size / n_prompts
+    if views > MAX_VIEWS_PER_PROMPT:
+        warnings.warn(
+            f"This run shows each of its {n_prompts} training prompts {views:.1f} times "
+            f"({steps} steps of {batch_size}): the gates can fit these prompts' quirks. Train on "
+            "more prompts (a few hundred), and judge the circuit on prompts it was not trained "
+            "on (tnp.evaluate on a held-out split; PruneConfig(certify=True) holds some out).",
+            RepeatedPromptsWarning,
+            stacklevel=3,
+        )
+    return views
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, low: float, steps: int) -> Any:

@@ -2,12 +2,22 @@
 terms and the on-device history."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from tl_nodeprune.tasks.base import PromptTask
-from tl_nodeprune.training import BatchPlan, History, KLBudget, Sparsity, batches, ramp
+from tl_nodeprune.training import (
+    BatchPlan,
+    History,
+    KLBudget,
+    RepeatedPromptsWarning,
+    Sparsity,
+    batches,
+    ramp,
+    warn_repeated_prompts,
+)
 
 
 def test_every_example_is_seen_once_per_epoch_in_a_fresh_order():
@@ -90,3 +100,12 @@ def test_history_reads_at_intervals_and_names_the_first_non_finite_step():
     with pytest.raises(FloatingPointError, match=r"^Loss became nan at step 4 \(faith=7\)"
                        r"\. Lower the rate\.$"):  # fmt: skip
         add(5, math.inf, 1.0)
+
+
+def test_a_run_that_shows_each_prompt_many_times_warns_and_a_long_prompt_set_does_not():
+    with pytest.warns(RepeatedPromptsWarning, match=r"each of its 96 training prompts 12\.5 times"):
+        assert warn_repeated_prompts(96, 150, 8) == 12.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_repeated_prompts(800, 150, 8) == 1.5
+        assert warn_repeated_prompts(120, 150, 8) == 10.0  # the limit itself is allowed
