@@ -99,7 +99,8 @@ def forward_answers(
     resid = store["resid"]  # (batch, pos, d_model), on the last block's device
     rows = torch.arange(tokens.shape[0], device=resid.device)
     resid = resid[rows, answer_pos.to(resid.device)][:, None]  # (batch, 1, d_model)
-    return model.unembed(model.ln_final(resid))[:, 0]
+    final = getattr(model, "ln_final", None)  # None: a model without normalisation
+    return model.unembed(resid if final is None else final(resid))[:, 0]
 
 
 # Agreement asked of the answer-only unembedding, by the dtype the model computes in: the two
