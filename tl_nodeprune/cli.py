@@ -363,18 +363,16 @@ def _discover_seeds(
     for seed, result in spread.results.items():
         evaluation = evaluate(model, result.circuit, held_out, ablation=args.ablation)
         table.loc[seed, "held_out_faithfulness"] = round(evaluation.faithfulness, 3)
+        table.loc[seed, "held_out_kl"] = round(evaluation.kl, 3)
         result.circuit.meta.update(
             model=args.model, held_out=evaluation.to_dict(), seconds=round(result.seconds, 1)
         )
         result.circuit.save(args.out.with_name(f"{args.out.stem}.seed{seed}{args.out.suffix}"))
-    consensus = spread.consensus()
     print(f"circuits for {train.name} on {args.model}, seeds {spread.seeds}:")
     print(table.to_string())
-    print("nodes kept by every seed / by some seed, per granularity:")
-    counts = consensus.groupby("granularity")["share"].agg(
-        every=lambda s: int((s >= 1).sum()), some="count"
-    )
-    print(counts.to_string())
+    print("agreement between seeds per granularity (mean pairwise Jaccard of node sets; nodes "
+          "kept by every seed / by some seed):")
+    print(spread.stability().round(3).to_string())
     return {"spread": spread, "table": table}
 
 

@@ -6,6 +6,7 @@ only for its annotation, so the two modules do not import each other.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,25 @@ class SeedSpread:
             kept = r.circuit.summary()["kept"].to_dict()
             rows.append({"seed": seed, **kept, "seconds": round(r.seconds, 1)})
         return pd.DataFrame(rows).set_index("seed")
+
+    def stability(self) -> pd.DataFrame:
+        """Per granularity, one number for how much the seeds agree: the mean Jaccard index of
+        their node sets over pairs of seeds (1: every seed kept the same nodes), with the
+        nodes kept by every seed and by some seed."""
+        sets: dict[str, list[set[str]]] = {}
+        for r in self.results.values():
+            for g in r.circuit.granularities:
+                sets.setdefault(g, []).append({n for n in r.circuit.nodes
+                                               if parse_node(n)[0] == g})  # fmt: skip
+        rows = []
+        for g, per_seed in sets.items():
+            pairs = list(itertools.combinations(per_seed, 2))
+            jaccard = [len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs]
+            rows.append({"granularity": g,
+                         "jaccard": sum(jaccard) / len(jaccard) if pairs else float("nan"),
+                         "every_seed": len(set.intersection(*per_seed)),
+                         "some_seed": len(set.union(*per_seed))})  # fmt: skip
+        return pd.DataFrame(rows).set_index("granularity")
 
     def stable(self, share: float = 1.0) -> list[str]:
         """Nodes kept by at least `share` of the seeds (1.0: by every seed)."""

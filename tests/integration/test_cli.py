@@ -109,14 +109,16 @@ def test_discover_with_seeds_prints_the_spread_and_writes_one_circuit_per_seed(t
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "seeds [0, 1]" in printed and "held_out_faithfulness" in printed
+    assert "held_out_kl" in printed  # KL beside f, always
     truth = planted_problem("bridge-native", seed=0).circuit
     for seed in (0, 1):
         circuit = tnp.Circuit.load(tmp_path / f"c.seed{seed}.json")
         assert circuit.meta["seed"] == seed
         assert circuit.nodes == truth.nodes
-    every = {line.split()[0]: int(line.split()[1]) for line in printed.splitlines()
-             if line.split()[:1] in (["head"], ["neuron"])}  # fmt: skip
-    assert every == {"head": 2, "neuron": 9}
+    # both seeds found the truth: full agreement, every planted unit kept by every seed
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()
+            if line.split()[:1] in (["head"], ["neuron"])}  # fmt: skip
+    assert rows == {"head": ["1.0", "2", "2"], "neuron": ["1.0", "9", "9"]}
 
 
 # Every PruneConfig field, written as a `discover` option, and the value it must set. Values
@@ -149,6 +151,7 @@ SETTINGS = {
     "lr_final": (["--lr-final", "0.02"], 0.02),
     "target_kl": (["--target-kl", "0.3"], 0.3),
     "kl_lr": (["--kl-lr", "7.5"], 7.5),
+    "gate_noise": (["--gate-noise", "batch"], "batch"),
     "certify": (["--certify"], True),
     "certify_candidates": (["--certify-candidates", "12"], 12),
 }
@@ -168,11 +171,14 @@ def test_each_option_sets_its_own_field_and_nothing_else(monkeypatch, name):
 
 
 def test_all_options_at_once_reach_the_config():
-    argv = [word for option, _ in SETTINGS.values() for word in option]
+    # target_kl and target_faithfulness exclude each other: all but target_kl, then it alone
+    together = {n: v for n, v in SETTINGS.items() if n != "target_kl"}
+    argv = [word for option, _ in together.values() for word in option]
     config = discover_config(argv)
-    assert {name: getattr(config, name) for name in SETTINGS} == {
-        name: value for name, (_, value) in SETTINGS.items()
+    assert {name: getattr(config, name) for name in together} == {
+        name: value for name, (_, value) in together.items()
     }
+    assert discover_config(SETTINGS["target_kl"][0]).target_kl == SETTINGS["target_kl"][1]
 
 
 def test_no_options_give_the_default_config():

@@ -1,6 +1,7 @@
 """Seed spread: per-seed circuits and a consensus view whose counts match them."""
 
 import pandas as pd
+import pytest
 
 import tl_nodeprune as tnp
 from tl_nodeprune.planted import planted_problem
@@ -51,3 +52,13 @@ def test_fit_seeds_runs_each_seed_and_its_consensus_matches(flavour):
     for node, row in frame.iterrows():
         assert row["kept"] == sum(node in kept for kept in per_seed.values())
     assert set(frame.index) == set().union(*per_seed.values())
+
+
+def test_stability_is_the_mean_pairwise_jaccard_per_granularity():
+    frame = _spread().stability()
+    # heads {h1, h2}, {h1}, {h1, a1.h0}: Jaccard 1/2, 1/3, 1/2; neurons {n3}, {n3, n7}, {n7}:
+    # 1/2, 0, 1/2; attention blocks {a0}, {a0}, {a0, a1}: 1, 1/2, 1/2; MLP blocks all {m1}
+    expected = {"attn": 2 / 3, "mlp": 1.0, "head": (1 / 2 + 1 / 3 + 1 / 2) / 3, "neuron": 1 / 3}
+    assert frame["jaccard"].to_dict() == pytest.approx(expected)
+    assert frame.loc["head", "every_seed"] == 1 and frame.loc["head", "some_seed"] == 3
+    assert frame.loc["neuron", "every_seed"] == 0 and frame.loc["neuron", "some_seed"] == 2
