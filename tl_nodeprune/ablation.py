@@ -30,12 +30,16 @@ def check_ablation(kind: str) -> None:
         raise ValueError(f"Unknown ablation {kind!r}; choose from {', '.join(ABLATIONS)}.")
 
 
-def site_masks(shape: ModelShape, gates: dict[str, Tensor]) -> dict[str, Tensor]:
+def site_masks(
+    shape: ModelShape, gates: dict[str, Tensor], per_example: bool = False
+) -> dict[str, Tensor]:
     """Per hook, the gate tensor that mixes clean and ablated values there.
 
     A layer's gates broadcast over the activation axes after their unit axes (a head's gate
     over its d_head values); granularities gated at the same hook multiply, coarse first (heads
-    and head value dimensions both at `hook_z`: the hierarchy inside one hook).
+    and head value dimensions both at `hook_z`: the hierarchy inside one hook). With
+    `per_example`, every gate tensor leads with a batch axis (one draw per example), and each
+    mask is (batch, 1, units..., 1...): it broadcasts over positions.
     """
     masks: dict[str, Tensor] = {}
     for layer in range(shape.n_layers):
@@ -43,10 +47,14 @@ def site_masks(shape: ModelShape, gates: dict[str, Tensor]) -> dict[str, Tensor]
             if g not in gates:
                 continue
             s = SPECS[g]
-            mask = gates[g][layer]
-            if mask.dim():  # (units...) -> (units..., 1...) against the activation's axes
-                pad = len(s.activation_axes) - mask.dim()
-                mask = mask.reshape(*mask.shape, *([1] * pad))
+            mask = gates[g][:, layer] if per_example else gates[g][layer]
+            units = mask.shape[1:] if per_example else mask.shape
+            if units:  # (units...) -> (units..., 1...) against the activation's axes
+                pad = [1] * (len(s.activation_axes) - len(units))
+                mask = mask.reshape(mask.shape[0], 1, *units, *pad) if per_example \
+                    else mask.reshape(*units, *pad)  # fmt: skip
+            elif per_example:  # a block's gate: (batch,) -> (batch, 1, 1...)
+                mask = mask.reshape(-1, *([1] * (1 + len(s.activation_axes))))
             name = s.hook_name(layer)
             masks[name] = mask if name not in masks else masks[name] * mask
     return masks

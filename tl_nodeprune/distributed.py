@@ -129,6 +129,13 @@ def shard_plan(plan: T) -> T:
     return replace(plan, indices=indices, rows=rows)  # type: ignore[type-var]
 
 
+def shard_rows(values: Tensor) -> Tensor:
+    """This rank's rows of a tensor drawn for the whole global batch (per-example gate noise),
+    cut as `shard_plan` cuts the batch, so every rank sees the draws one process would."""
+    n = world()
+    return values if n == 1 else values.tensor_split(n)[rank()]
+
+
 def _slice(values: Sequence[int], n: int, r: int) -> list[int]:
     """Part r of n of `values`, cut as `Tensor.tensor_split` cuts."""
     q, extra = divmod(len(values), n)

@@ -33,9 +33,16 @@ class HardConcrete:
     def _stretch(self, s: Tensor) -> Tensor:
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
-    def sample(self, log_alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """A noisy gate in [0, 1], differentiable in `log_alpha` (used while training)."""
-        u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device)
+    def sample(
+        self,
+        log_alpha: Tensor,
+        generator: torch.Generator | None = None,
+        batch: int | None = None,
+    ) -> Tensor:
+        """A noisy gate in [0, 1], differentiable in `log_alpha` (used while training); with
+        `batch`, one independent draw per example, stacked on a new leading axis."""
+        shape = log_alpha.shape if batch is None else (batch, *log_alpha.shape)
+        u = torch.rand(shape, generator=generator, device=log_alpha.device)
         u = u.clamp(self.eps, 1 - self.eps)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
         return self._stretch(s)
@@ -70,9 +77,14 @@ class GateSet(nn.Module):
             }
         )
 
-    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Noisy gates for one training step (one draw shared by the whole batch)."""
-        return {g: self.hard_concrete.sample(la, generator) for g, la in self.log_alpha.items()}
+    def sample(
+        self, generator: torch.Generator | None = None, batch: int | None = None
+    ) -> dict[str, Tensor]:
+        """Noisy gates for one training step: one draw shared by the whole batch, or with
+        `batch`, one per example (shape (batch, *units))."""
+        return {
+            g: self.hard_concrete.sample(la, generator, batch) for g, la in self.log_alpha.items()
+        }
 
     def deterministic(self) -> dict[str, Tensor]:
         """Noise-free gates, detached."""

@@ -87,6 +87,20 @@ def faithfulness_scorer(
     return score
 
 
+def kl_scorer(
+    model: Any,
+    task: PromptTask,
+    granularities: tuple[str, ...] | None = None,
+    ablation: AblationKind = "corrupted",
+    batch_size: int = 32,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> Scorer:
+    """-KL(full || C) on `task` in nats: higher is better, so that `select_smallest` with
+    target -b returns the smallest circuit within a KL budget b."""
+    evaluator = Evaluator(model, task, ablation, batch_size, granularities, cache_bytes)
+    return lambda circuit: -evaluator(circuit).kl
+
+
 def _candidates(log_alpha: dict[str, Tensor], max_candidates: int) -> list[float]:
     """Thresholds just below distinct log_alpha values (a spread subset when there are many)."""
     values = torch.cat([la.detach().float().flatten().cpu() for la in log_alpha.values()])
@@ -156,5 +170,6 @@ __all__ = [
     "Selection",
     "circuit_at",
     "faithfulness_scorer",
+    "kl_scorer",
     "select_smallest",
 ]

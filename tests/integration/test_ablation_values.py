@@ -68,3 +68,31 @@ def test_cache_stays_under_half_the_free_memory(monkeypatch, flavour):
     recomputed = tight.values(idx, seq)
     for name, value in roomy.values(idx, seq).items():
         torch.testing.assert_close(recomputed[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_gates_gate_each_prompt_by_its_own_row(flavour):
+    """Row 0 all open, row 1 all closed, row 2 a batch-shared draw: each prompt's logits are
+    its clean run, its run with every node ablated and the shared draw's run."""
+    problem = planted_problem(flavour, seed=3, n_prompts=3)
+    model, task = problem.model, problem.task
+    shape = tnp.ModelShape.from_model(model)
+    grans = shape.available()
+    shared = GateSet(shape, grans, init_log_alpha=0.0).sample(torch.Generator().manual_seed(1))
+    rows = {g: torch.stack([torch.ones_like(t), torch.zeros_like(t), t]) for g, t in
+            shared.items()}  # fmt: skip
+    names = list(site_masks(shape, shared))
+    idx, seq = torch.arange(3), task.clean.shape[1]
+    values = Ablation(model, task, names, "corrupted", batch_size=3).values(idx, seq)
+    pos = task.answer_pos
+
+    def logits(masks, tokens=task.clean):
+        with model.hooks(fwd_hooks=mixing_hooks(masks, values)):
+            return forward_answers(model, tokens, pos)
+
+    per_example = logits(site_masks(shape, rows, per_example=True))
+    torch.testing.assert_close(per_example[0], forward_answers(model, task.clean, pos)[0])
+    closed = {g: torch.zeros_like(t) for g, t in shared.items()}
+    torch.testing.assert_close(per_example[1], logits(site_masks(shape, closed))[1])
+    torch.testing.assert_close(per_example[2], logits(site_masks(shape, shared))[2])
+    for a, b in ((0, 1), (0, 2), (1, 2)):  # three different gatings, three different outputs
+        assert not torch.allclose(per_example[a], per_example[b], atol=1e-3)

@@ -33,6 +33,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "penalties": {},
     "target_sparsity": {"target_sparsity": {"head": 0.75, "neuron": 0.9}, "warmup_steps": 10},
     "target_kl_logit_diff": {"objective": "logit_diff", "target_kl": 0.2},
+    # one noise draw per prompt, drawn for the global batch: each rank keeps its rows
+    "gate_noise_example": {"gate_noise": "example"},
 }
 
 

@@ -71,3 +71,18 @@ def test_clamp_bounds_every_log_alpha_and_keeps_a_closed_gate_reopenable():
     assert (gates.log_alpha["head"] == -4.0).all() and (gates.log_alpha["neuron"] == 6.0).all()
     samples = torch.stack([gates.sample(gen)["head"] for _ in range(200)])
     assert (samples > 0).float().mean() > 0.02, "at the bound some samples open again"
+
+
+def test_per_example_draws_are_independent_rows_with_the_shared_draws_distribution():
+    hc = HardConcrete()
+    log_alpha = torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)
+    rows = hc.sample(log_alpha, torch.Generator().manual_seed(0), batch=100_000)
+    assert rows.shape == (100_000, 3)
+    assert not torch.equal(rows[0], rows[1])
+    shared = torch.stack([hc.sample(log_alpha, torch.Generator().manual_seed(s))
+                          for s in range(5_000)])  # fmt: skip
+    torch.testing.assert_close(rows.mean(0), shared.mean(0), atol=0.025, rtol=0)
+    torch.testing.assert_close((rows > 0).float().mean(0), hc.expected_l0(log_alpha).detach(),
+                               atol=0.01, rtol=0)  # fmt: skip
+    rows.sum().backward()
+    assert (log_alpha.grad > 0).all()
