@@ -48,13 +48,11 @@ def site_masks(
                 continue
             s = SPECS[g]
             mask = gates[g][:, layer] if per_example else gates[g][layer]
+            lead = (mask.shape[0], 1) if per_example else ()  # (batch, position) axes
             units = mask.shape[1:] if per_example else mask.shape
-            if units:  # (units...) -> (units..., 1...) against the activation's axes
+            if lead or units:  # (units...) -> (units..., 1...) against the activation's axes
                 pad = [1] * (len(s.activation_axes) - len(units))
-                mask = mask.reshape(mask.shape[0], 1, *units, *pad) if per_example \
-                    else mask.reshape(*units, *pad)  # fmt: skip
-            elif per_example:  # a block's gate: (batch,) -> (batch, 1, 1...)
-                mask = mask.reshape(-1, *([1] * (1 + len(s.activation_axes))))
+                mask = mask.reshape(*lead, *units, *pad)
             name = s.hook_name(layer)
             masks[name] = mask if name not in masks else masks[name] * mask
     return masks

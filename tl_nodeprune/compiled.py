@@ -222,13 +222,19 @@ def _deep(gen: torch.Generator) -> Program:
         w.lookup(layer, f"s{2 * layer + 1}", f"s{2 * layer + 2}", tables[layer].tolist())
     w.lookup(4, "s8", "out", tables[4].tolist())
 
+    return Program(w, _through(tables), (1,))
+
+
+def _through(tables: list[Tensor]) -> Callable[[Tensor], Tensor]:
+    """The answer of a chain: token 1's value mapped through every table in turn."""
+
     def answer(t: Tensor) -> Tensor:
         v = t[:, 1]
         for table in tables:
             v = table[v]
         return v
 
-    return Program(w, answer, (1,))
+    return answer
 
 
 def _long(gen: torch.Generator) -> Program:
@@ -242,13 +248,7 @@ def _long(gen: torch.Generator) -> Program:
         w.move(layer, _head(gen), [(layer + 2, layer + 1)], src, f"s{2 * layer + 1}")
         w.lookup(layer, f"s{2 * layer + 1}", dst, tables[layer].tolist())
 
-    def answer(t: Tensor) -> Tensor:
-        v = t[:, 1]
-        for table in tables:
-            v = table[v]
-        return v
-
-    return Program(w, answer, (1,))
+    return Program(w, _through(tables), (1,))
 
 
 def _induction(gen: torch.Generator) -> Program:

@@ -29,6 +29,11 @@ from .tasks.base import PromptTask
 OVERSHOOT = 1.1
 
 
+def overshoots(faithfulness: float) -> bool:
+    """Faithfulness above `OVERSHOOT` (1.1): the circuit beats the model at the task."""
+    return faithfulness > OVERSHOOT
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Metric of the full model, the circuit and the empty circuit; f = (C - E) / (M - E)."""
@@ -62,7 +67,7 @@ class Evaluation:
     @property
     def overshoot(self) -> bool:
         """Faithfulness above `OVERSHOOT` (1.1): the circuit beats the model at the task."""
-        return self.faithfulness > OVERSHOOT
+        return overshoots(self.faithfulness)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -369,6 +369,11 @@ class PruneConfig:
                 "validation prompts; set one of them."
             )
 
+    @property
+    def selects(self) -> bool:
+        """Whether the circuit is chosen on validation prompts (target_faithfulness, target_kl)."""
+        return self.target_faithfulness is not None or self.target_kl is not None
+
     def check_gated(self, granularities: tuple[str, ...]) -> None:
         """Refuse a penalty or target for a granularity the run does not gate."""
         for name in ("penalty", "target_sparsity"):
@@ -433,7 +438,7 @@ class NodePruner:
         task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
         start = time.perf_counter()
         validation = None
-        if cfg.target_faithfulness is not None or cfg.target_kl is not None or cfg.certify:
+        if cfg.selects or cfg.certify:
             task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
         warn_repeated_prompts(len(task), cfg.steps, cfg.batch_size)
         with self.training(task) as run:
@@ -474,7 +479,7 @@ class NodePruner:
         )
         log_alpha = {g: la.detach().cpu().clone() for g, la in run.gates.log_alpha.items()}
         selection = None
-        if validation is not None and (cfg.target_faithfulness or cfg.target_kl) is not None:
+        if validation is not None and cfg.selects:
             selection = self._select(log_alpha, validation, run.nograd, circuit.meta)
             circuit = selection.circuit
         certificate = None

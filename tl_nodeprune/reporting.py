@@ -23,7 +23,7 @@ from plotly.offline import get_plotlyjs
 from . import plot
 from .certificate import Certificate
 from .circuit import Circuit
-from .evaluation import OVERSHOOT, Evaluation
+from .evaluation import OVERSHOOT, Evaluation, overshoots
 from .granularities import SPECS, node_name
 from .pruner import PruneResult
 from .references import HeadClasses, Reference
@@ -72,7 +72,8 @@ def report(
     if evaluation:
         body.append(_table("Held-out evaluation", _pairs(evaluation), {"value": _number}))
     body.append("</div>")
-    body += _certificate(circuit, getattr(result_or_circuit, "certificate", None), evaluation)
+    cert = getattr(result_or_circuit, "certificate", None)  # a PruneResult's, if any
+    body += _overshoot_and_certificate(circuit, cert, evaluation)
     body += [f"<h2>{html.escape(_title(f))}</h2>{_figure_html(f)}" for f in figures]
     body.append("<h2>Kept heads</h2>")
     heads = ", ".join(node_name("head", h) for h in circuit.heads)
@@ -84,12 +85,12 @@ def report(
     return path
 
 
-def _certificate(
+def _overshoot_and_certificate(
     circuit: Circuit, cert: Certificate | None, evaluation: Mapping[str, Any] | None
 ) -> list[str]:
     """The overshoot warning, then the certificate's statement and the flips it made."""
     out = []
-    if evaluation and evaluation.get("faithfulness", 0) > OVERSHOOT:
+    if evaluation and overshoots(evaluation.get("faithfulness", 0)):
         out.append(
             f"<p><b>Overshoot:</b> faithfulness {evaluation['faithfulness']:.3f} &gt; "
             f"{OVERSHOOT}: the circuit does the task better than the model, so it leaves out "
