@@ -11,7 +11,9 @@ the two-digit tokenizer also runs on one.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -32,17 +34,19 @@ from transformers import (
 
 from tl_nodeprune.tasks import PromptTask, greater_than, ioi, ioi_independent
 from tl_nodeprune.tasks.base import PAD_ANSWER
-from tl_nodeprune.tasks.greater_than import CENTURIES, NOUNS
+from tl_nodeprune.tasks.greater_than import CENTURIES, GREATER_THAN_POSITIONS, NOUNS
 from tl_nodeprune.tasks.ioi import (
     INDEPENDENT_NAMES,
     INDEPENDENT_OBJECTS,
     INDEPENDENT_PLACES,
     INDEPENDENT_TEMPLATES,
+    IOI_POSITIONS,
     NAMES,
     OBJECTS,
     PLACES,
     TEMPLATES,
 )
+from tl_nodeprune.tasks.labels import label_tokens
 
 # Left out of the BPE vocabulary: none is a prefix of a kept word, so each splits.
 LEFT_OUT = ("Christopher", "Stephanie", "Elizabeth", "Nicholas", "restaurant", "camera", "siege")
@@ -340,3 +344,169 @@ def test_padded_example_scores_as_if_alone(which: str, request: pytest.FixtureRe
         alone = metric(short, getattr(short, field))
         assert together[0].abs() > 1e-6  # a random model still gives a non-trivial metric
         torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+# Each generator's prompts, tokens and answers for fixed seeds, recorded before position labels
+# existed (with `_digest` below): adding labels must leave every task as it was, since published
+# results depend on it. A change to the tokenizers built above changes these too.
+BEFORE_LABELS = {
+    "bpe_two_digit": {"ioi": "cac07506f8deba9e", "ioi_flip": "c857da488fcead21",
+                      "ioi_independent": "03d4d47e1dcce6d1", "greater_than": "54a8634e4352a23c"},
+    "bpe_one_digit": {"ioi": "683dec1793006473", "ioi_flip": "e5ed2d55242800cc",
+                      "ioi_independent": "4d3f5214456b84cf", "greater_than": "02b2ca05dcf8c73b"},
+    "smollm2": {"ioi": "017b3b05a7303662", "ioi_flip": "62ba5f5ba61a5950",
+                "ioi_independent": "0a7dc09202c51c82", "greater_than": "48dcaeeb78bc0189"},
+}  # fmt: skip
+
+
+def _digest(task: PromptTask) -> str:
+    h = hashlib.sha256()
+    for f in ("clean", "corrupted", "correct", "incorrect", "answer_pos"):
+        h.update(json.dumps(getattr(task, f).tolist()).encode())
+    h.update(json.dumps(list(task.prompts)).encode())
+    h.update(task.metric.encode())
+    return h.hexdigest()[:16]
+
+
+def test_generators_give_the_tasks_they_gave_before_labels(case: Case) -> None:
+    if case.name not in BEFORE_LABELS:
+        pytest.skip(f"no digest recorded for {case.name}")
+    model = case.model
+    tasks = {
+        "ioi": ioi(model, n=40, seed=0),
+        "ioi_flip": ioi(model, n=40, seed=1, corruption="flip"),
+        "ioi_independent": ioi_independent(model, n=20, seed=0),
+        "greater_than": greater_than(model, n=40, seed=0),
+    }
+    assert all(t.position_labels is not None for t in tasks.values())
+    assert {k: _digest(t) for k, t in tasks.items()} == BEFORE_LABELS[case.name]
+
+
+def _where(task: PromptTask, i: int) -> dict[str, list[int]]:
+    """Prompt i's token indices per label, after checking its padding is labelled 0."""
+    assert task.position_labels is not None and task.position_names is not None
+    end = int(task.answer_pos[i]) + 1
+    assert not task.position_labels[i, end:].any()
+    out: dict[str, list[int]] = {}
+    for k, label in enumerate(task.position_labels[i, :end].tolist()):
+        out.setdefault(task.position_names[label], []).append(k)
+    return out
+
+
+@pytest.mark.parametrize("which", ["ioi", "flip", "independent", "own"])
+def test_ioi_labels_mark_each_name_mention_and_the_end(case: Case, which: str) -> None:
+    model = case.model
+    task = {
+        "ioi": lambda: ioi(model, n=64, seed=4),  # every template, in both orders
+        "flip": lambda: ioi(model, n=16, seed=5, corruption="flip"),
+        "independent": lambda: ioi_independent(model, n=20, seed=6),
+        "own": lambda: ioi(model, n=8, templates=["Then {A} and {B} met, and {S} gave it to"]),
+    }[which]()
+    assert task.position_names == IOI_POSITIONS
+    orders = set()
+    for i in range(len(task)):
+        at = _where(task, i)
+        assert at["other"][0] == 0  # BOS
+        assert {k: len(v) for k, v in at.items() if k != "other"} == dict.fromkeys(
+            ("S1", "IO", "S2", "END"), 1
+        )
+        (io,), (s1,), (s2,), (end,) = at["IO"], at["S1"], at["S2"], at["END"]
+        assert task.clean[i, io] == task.correct[i, 0]  # the IO name itself
+        assert task.clean[i, s1] == task.clean[i, s2] == task.incorrect[i, 0]
+        assert max(io, s1) < s2 < end == int(task.answer_pos[i])
+        orders.add("ABBA" if io < s1 else "BABA")
+        # the corrupted prompt pairs token for token: it differs at the names only
+        differs = (task.clean[i, : end + 1] != task.corrupted[i, : end + 1]).nonzero()
+        assert differs.flatten().tolist() == sorted([io, s1, s2])
+    assert orders == {"ABBA", "BABA"}
+
+
+def test_greater_than_labels_mark_the_start_year(case: Case) -> None:
+    model = case.model
+    task = greater_than(model, n=32, seed=2)
+    assert task.position_names == GREATER_THAN_POSITIONS
+    for i in range(len(task)):
+        _, century, yy, _ = YEAR.match(task.prompts[i]).groups()  # type: ignore[union-attr]
+        at = _where(task, i)
+        assert _text(model, task.clean[i, at["XX"]]).strip() == century
+        assert _text(model, task.clean[i, at["YY"]]) == yy
+        assert len(at["YY"]) == (1 if case.two_digit else 2)
+        assert at["YY"][0] == at["XX"][-1] + 1  # the year's tokens are contiguous
+        end, k = int(task.answer_pos[i]), len(at["XX"])
+        assert at["END"] == [end]
+        # the end year's century (as many tokens as the start's): "other", then END
+        assert _text(model, task.clean[i, end + 1 - k : end + 1]).strip() == century
+        assert set(range(end + 1 - k, end)) <= set(at["other"])
+        differs = (task.clean[i] != task.corrupted[i]).nonzero().flatten().tolist()
+        assert differs and set(differs) <= set(at["YY"])  # corrupted only in the start's YY
+
+
+WHEN = "When Mary and John went to the park, John gave a ball to"
+
+
+def test_label_tokens_by_ranges_substrings_and_lists(bpe_two_digit: Case) -> None:
+    model = bpe_two_digit.model
+    pieces = [model.tokenizer.decode([t]) for t in model.to_tokens(WHEN)[0]]
+    s2 = WHEN.rindex("John")
+    labels = label_tokens(
+        model, WHEN, {"IO": " Mary", "S": [(WHEN.index(" John"), WHEN.index(" John") + 5),
+                                          (s2, s2 + 4)], "END": (len(WHEN) - 3, len(WHEN))},
+        default="rest",
+    )  # fmt: skip
+    assert len(labels) == len(pieces) and labels[0] == "rest"  # BOS
+    marked = [(p, lab) for p, lab in zip(pieces, labels, strict=True) if lab != "rest"]
+    # "John" (no space) takes the token " John" that carries its space
+    assert marked == [(" Mary", "IO"), (" John", "S"), (" John", "S"), (" to", "END")]
+
+
+def test_label_tokens_spans_several_tokens_and_refuses_to_cut_one(bpe_two_digit: Case) -> None:
+    model = bpe_two_digit.model
+    text = "Mary and John saw the year 1732 go"
+    pieces = [model.tokenizer.decode([t]) for t in model.to_tokens(text)[0]]
+    labels = label_tokens(model, text, {"name": "Mary", "year": "1732"})
+    spanned = {lab: "".join(p for p, x in zip(pieces, labels, strict=True) if x == lab)
+               for lab in ("name", "year")}  # fmt: skip
+    assert spanned == {"name": "Mary", "year": " 1732"}
+    assert sum(x == "name" for x in labels) > 1  # "Mary" without its space is several tokens
+    cut = (text.index("1732"), text.index("1732") + 3)  # "173": ends inside the token "32"
+    with pytest.raises(ValueError, match=r"merges across .*'year' .*token \d+ \('32'\)"):
+        label_tokens(model, text, {"year": cut})
+    merged = label_tokens(model, text, {"XX": (cut[0], cut[0] + 1), "YY": (cut[0] + 1, cut[1])},
+                          merged="last")  # fmt: skip
+    assert [p for p, x in zip(pieces, merged, strict=True) if x != "other"] == [" 17", "32"]
+    assert merged[pieces.index(" 17")] == "YY" and merged[pieces.index("32")] == "YY"
+
+
+def test_label_tokens_refuses_bad_spans(bpe_two_digit: Case) -> None:
+    model = bpe_two_digit.model
+    with pytest.raises(ValueError, match="'S' and 'IO' overlap"):
+        label_tokens(model, WHEN, {"S": (5, 12), "IO": (10, 14)})
+    with pytest.raises(ValueError, match=r"'X': \(3, 300\) is not a non-empty character range"):
+        label_tokens(model, WHEN, {"X": (3, 300)})
+    with pytest.raises(ValueError, match="'X': 'Bob' does not occur"):
+        label_tokens(model, WHEN, {"X": "Bob"})
+
+
+def test_from_prompts_with_labels_lines_prompts_up_by_label(bpe_two_digit: Case) -> None:
+    model = bpe_two_digit.model
+    clean = [WHEN, "After a long day at the office, Tom and Sarah went to the bank. Tom gave a "
+             "card to"]  # fmt: skip
+    swap = {"Mary": "Anna", "John": "Paul", "Tom": "Kate", "Sarah": "Emma"}
+    positions = []
+    for text, io, s in zip(clean, ("Mary", "Sarah"), ("John", "Tom"), strict=True):
+        first, second = text.index(s), text.rindex(s)
+        spans = {"IO": io, "S1": (first, first + len(s)), "S2": (second, second + len(s))}
+        positions.append(label_tokens(model, text, spans))
+        positions[-1][-1] = "END"
+    args = (model, clean, [_rename(t, swap) for t in clean], [" Mary", " Sarah"], [" John", " Tom"])
+    task = PromptTask.from_prompts(*args, positions=positions, position_names=IOI_POSITIONS)
+    index = task.position_index(("END", "S2", "IO", "S1", "other"))
+    s2 = (index == 1).nonzero().tolist()
+    assert s2[0][1] != s2[1][1]  # S2 sits at different token indices in the two prompts
+    assert [int(task.clean[i, k]) for i, k in s2] == task.incorrect[:, 0].tolist()
+    assert (index == 0).nonzero()[:, 1].tolist() == task.answer_pos.tolist()  # END
+    short = [positions[0], positions[1][:-1]]
+    n = len(positions[1])
+    with pytest.raises(ValueError, match=rf"Prompt 1 has {n - 1} position labels but {n} tokens "
+                       r"\['<\|endoftext\|>', 'A', .* ' to'\]"):  # fmt: skip
+        PromptTask.from_prompts(*args, positions=short)

@@ -5,8 +5,19 @@ and bench/ pick a task.
 """
 
 from .base import PromptTask
-from .greater_than import greater_than
-from .ioi import ioi, ioi_independent
+from .greater_than import GREATER_THAN_POSITIONS, greater_than
+from .ioi import IOI_POSITIONS, ioi, ioi_independent
+from .labels import label_tokens
 from .registry import REGISTRY, get
 
-__all__ = ["REGISTRY", "PromptTask", "get", "greater_than", "ioi", "ioi_independent"]
+__all__ = [
+    "GREATER_THAN_POSITIONS",
+    "IOI_POSITIONS",
+    "REGISTRY",
+    "PromptTask",
+    "get",
+    "greater_than",
+    "ioi",
+    "ioi_independent",
+    "label_tokens",
+]

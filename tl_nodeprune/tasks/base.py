@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .labels import check_labels, id_labels, prompt_labels, reindex
+
 Metric = Literal["logit_diff", "prob_diff"]
 PAD_ANSWER = -1  # fills answer sets shorter than the longest one
 
@@ -45,6 +47,10 @@ class PromptTask:
     `answer_pos`, the last real token of each prompt: `logit_diff` is mean logit of the
     correct set minus mean logit of the incorrect set; `prob_diff` is the difference of their
     total probabilities (Hanna et al.'s greater-than metric).
+
+    `position_labels` (optional) names the role of each token: an index into `position_names`
+    per token, shaped like `clean` (padding holds 0). The corrupted prompt pairs the clean one
+    token for token, so the clean prompt's labels serve both.
     """
 
     clean: Int[Tensor, "batch pos"]
@@ -55,6 +61,8 @@ class PromptTask:
     metric: Metric = "logit_diff"
     name: str = "custom"
     prompts: tuple[str, ...] | None = field(default=None, compare=False)
+    position_labels: Int[Tensor, "batch pos"] | None = field(default=None, compare=False)
+    position_names: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("clean", "corrupted", "correct", "incorrect", "answer_pos"):
@@ -96,6 +104,7 @@ class PromptTask:
                 f"Prompt {i}: token {int(self.correct[i, j])} is both a correct and an incorrect "
                 "answer; the sets must not overlap."
             )
+        check_labels(self.position_labels, self.position_names, self.clean)
 
     @classmethod
     def from_tokens(
@@ -107,22 +116,35 @@ class PromptTask:
         answer_pos: Any | None = None,
         metric: Metric = "logit_diff",
         name: str = "custom",
+        positions: Sequence[Sequence[str]] | None = None,
+        position_names: Sequence[str] | None = None,
     ) -> PromptTask:
-        """Build from token ids; by default every answer is read at the last position."""
+        """Build from token ids; by default every answer is read at the last position.
+
+        `positions` (optional): per prompt, one label string per token, either for the whole
+        row or up to and including its answer position (the rest is padding); see
+        `from_prompts` for `position_names`.
+        """
         clean_t = _ids(clean, "clean")
         corrupted_t = _ids(corrupted, "corrupted")
         if clean_t.dim() == 1:
             clean_t, corrupted_t = clean_t[None], corrupted_t[None]
+            if positions is not None and positions and isinstance(positions[0], str):
+                positions = [positions]  # type: ignore[list-item]  # one prompt's labels
         if answer_pos is None:
             answer_pos = torch.full((clean_t.shape[0],), clean_t.shape[-1] - 1)
+        answer_t = _ids(answer_pos, "answer_pos")
+        labels, names = id_labels(positions, position_names, clean_t, answer_t)
         return cls(
             clean=clean_t,
             corrupted=corrupted_t,
             correct=_as_2d(correct, "correct"),
             incorrect=_as_2d(incorrect, "incorrect"),
-            answer_pos=_ids(answer_pos, "answer_pos"),
+            answer_pos=answer_t,
             metric=metric,
             name=name,
+            position_labels=labels,
+            position_names=names,
         )
 
     @classmethod
@@ -134,12 +156,18 @@ class PromptTask:
         correct: Sequence[str],
         incorrect: Sequence[str],
         name: str = "custom",
+        positions: Sequence[Sequence[str]] | None = None,
+        position_names: Sequence[str] | None = None,
     ) -> PromptTask:
         """Tokenize prompt pairs with the model's tokenizer; answers must be single tokens.
 
         Prompts may differ in length across pairs (they are right-padded and the answer
         position is tracked per example), but a clean prompt and its corrupted partner must
-        have the same number of tokens.
+        have the same number of tokens. `positions` (optional) gives each clean prompt one
+        label per token as the model tokenizes it (BOS included when the model prepends one;
+        `tasks.labels.label_tokens` builds them from character spans), so prompts of different
+        lengths line up by label. `position_names` fixes the labels' order (names never used
+        are fine); without it they are indexed in order of first appearance.
         """
         lists = {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect}
         sizes = {k: len(v) for k, v in lists.items()}
@@ -159,6 +187,7 @@ class PromptTask:
             rows_corr.append(tr)
             ids_correct.append(single_token(model, a, f"pair {i} correct answer"))
             ids_incorrect.append(single_token(model, b, f"pair {i} incorrect answer"))
+        labels, names = prompt_labels(model, positions, position_names, rows_clean)
         return cls(
             clean=pad_rows(rows_clean),
             corrupted=pad_rows(rows_corr),
@@ -167,6 +196,8 @@ class PromptTask:
             answer_pos=torch.tensor([len(t) - 1 for t in rows_clean]),
             name=name,
             prompts=tuple(clean),
+            position_labels=labels,
+            position_names=names,
         )
 
     @classmethod
@@ -203,6 +234,7 @@ class PromptTask:
             incorrect=self.incorrect[idx],
             answer_pos=self.answer_pos[idx],
             prompts=prompts,
+            position_labels=_rows(self.position_labels, idx, seq),
         )
 
     def take(self, idx: Tensor, seq: int, rows: list[int] | None = None) -> PromptTask:
@@ -222,6 +254,8 @@ class PromptTask:
             "prompts": None
             if self.prompts is None or rows is None
             else tuple(self.prompts[i] for i in rows),
+            "position_labels": _rows(self.position_labels, idx, seq),
+            "position_names": self.position_names,
         }
         return _unchecked(fields)
 
@@ -232,7 +266,24 @@ class PromptTask:
         fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
         for name in ("clean", "corrupted", "correct", "incorrect", "answer_pos"):
             fields[name] = fields[name].to(device)
+        if self.position_labels is not None:
+            fields["position_labels"] = self.position_labels.to(device)
         return _unchecked(fields)
+
+    def position_index(self, names: Sequence[str]) -> Int[Tensor, "batch pos"]:
+        """This task's labels as indices into `names` (a circuit's position names, in any
+        order, possibly with more names), on the labels' device.
+
+        Every one of the task's `position_names` must be among `names`, used or not, so the
+        answer never depends on which prompts a batch holds.
+        """
+        if self.position_labels is None or self.position_names is None:
+            raise ValueError(
+                f"Task {self.name!r} has no position labels: build it with tasks.ioi or "
+                "tasks.greater_than, or pass positions=... (one label per token) to "
+                "PromptTask.from_prompts / from_tokens."
+            )
+        return reindex(self.position_labels, self.position_names, names)
 
     def split(self, train_fraction: float = 0.5, seed: int = 0) -> tuple[PromptTask, PromptTask]:
         """A seeded random (train, held-out) split, so faithfulness is read on unseen prompts."""
@@ -275,6 +326,11 @@ class PromptTask:
         return answer_set_value(values, self.correct, self.metric) - answer_set_value(
             values, self.incorrect, self.metric
         )
+
+
+def _rows(labels: Tensor | None, idx: Tensor, seq: int) -> Tensor | None:
+    """Rows `idx` of optional per-token labels, trimmed to `seq` like the prompts."""
+    return None if labels is None else labels[idx.to(labels.device), :seq]
 
 
 def _unchecked(fields: dict[str, Any]) -> PromptTask:

@@ -6,6 +6,9 @@ YY+1..99, the incorrect set 00..YY (Hanna et al.). Where numbers split into sing
 (SmolLM2, Llama 2), the next token is the end year's tens digit: correct are digits above the
 start year's tens digit, incorrect digits below it (an equal digit could go either way and is in
 neither set). Metric in both cases: probability of the correct set minus the incorrect set.
+Each token is labelled (`GREATER_THAN_POSITIONS`): "XX" the start year's century, "YY" its last
+two digits (one token or two, by tokenizer), "END" the last token, "other" the rest (the end
+year's century included, but for its last token, which is END).
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from typing import Any, Literal
 
 from .base import PAD_ANSWER, PromptTask, pad_rows, single_token
 from .ioi import single_token_words
+from .labels import fill_template, label_tokens
 
 YearTokens = Literal["two_digit", "one_digit"]
+# The position labels of greater-than tokens, in the order a task's `position_names` lists them.
+GREATER_THAN_POSITIONS: tuple[str, ...] = ("XX", "YY", "END", "other")
 CENTURIES: tuple[int, ...] = tuple(range(11, 18))  # 1100s to 1700s, as in Hanna et al.
 NOUNS: tuple[str, ...] = (
     "war", "reign", "dynasty", "expedition", "drought", "famine", "empire", "festival",
@@ -51,9 +57,11 @@ def greater_than(model: Any, n: int = 64, seed: int = 0) -> PromptTask:
     starts = range(2, 99) if mode == "two_digit" else range(10, 90)
 
     rng = random.Random(seed)
-    clean, corrupted, above, below = [], [], [], []
+    clean, corrupted, above, below, labels = [], [], [], [], []
     for _ in range(n):
-        c, r, start = _sample(model, rng, nouns, starts, mode)
+        c, r, start, spans = _sample(model, rng, nouns, starts, mode)
+        labels.append(label_tokens(model, c, spans, merged="last"))
+        labels[-1][-1] = "END"
         # Above vs at-or-below the start year's last two digits (two-digit tokens), or above
         # vs strictly below its tens digit (one-digit tokens), as indices into `ids`.
         cut = start if mode == "two_digit" else start // 10
@@ -71,6 +79,8 @@ def greater_than(model: Any, n: int = 64, seed: int = 0) -> PromptTask:
         [texts[a[0]] for a in above],
         [texts[b[0]] for b in below],
         name="greater_than",
+        positions=labels,
+        position_names=GREATER_THAN_POSITIONS,
     )
     return replace(
         task,
@@ -101,15 +111,16 @@ def _sample(
     starts: range,
     mode: YearTokens,
     tries: int = 100,
-) -> tuple[str, str, int]:
-    """One (clean, corrupted, start) triple whose prompts have the same token length.
+) -> tuple[str, str, int, dict[str, tuple[int, int]]]:
+    """One (clean, corrupted, start, spans) row whose prompts have the same token length; the
+    spans are the characters of the start year's century ("XX") and last two digits ("YY").
 
     Also checks that the smallest correct answer is what the tokenizer would write next, so the
     answer tokens are the ones the model is asked to predict.
     """
     for _ in range(tries):
         noun, century, start = rng.choice(nouns), rng.choice(CENTURIES), rng.choice(starts)
-        clean = _TEMPLATE.format(noun=noun, century=century, start=start)
+        clean, fields = fill_template(_TEMPLATE, noun=noun, century=century, start=start)
         corrupted = _TEMPLATE.format(noun=noun, century=century, start=1)
         nxt = f"{start + 1:02d}" if mode == "two_digit" else str(start // 10 + 1)
         clean_ids = model.to_tokens(clean)[0].tolist()
@@ -117,7 +128,10 @@ def _sample(
         continued = model.to_tokens(clean + nxt)[0].tolist()
         continues = continued == clean_ids + [single_token(model, nxt)]
         if same_length and continues:
-            return clean, corrupted, start
+            # fields: noun, the start year's century, its last two digits, the end's century
+            _, xx_start, xx_end = fields[1]
+            _, yy_start, yy_end = fields[2]
+            return clean, corrupted, start, {"XX": (xx_start, xx_end), "YY": (yy_start, yy_end)}
     raise ValueError(
         f"No greater-than prompt with equal clean/corrupted token lengths in {tries} tries; "
         "this tokenizer merges years with their neighbours."

@@ -2,6 +2,8 @@
 
 "When Mary and John went to the store, John gave a drink to" -> " Mary" (the indirect object,
 IO) rather than " John" (the subject, S). Metric: logit(IO) - logit(S) at the last position.
+Each token is labelled (`IOI_POSITIONS`): "IO" and "S1" the two first name mentions, "S2" the
+subject's second mention, "END" the last token (where the answer is read), "other" the rest.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from .base import PromptTask
+from .labels import fill_template, label_tokens
 
 Corruption = Literal["abc", "flip"]
 CORRUPTIONS: tuple[str, ...] = ("abc", "flip")
+# The position labels of IOI tokens, in the order a task's `position_names` lists them.
+IOI_POSITIONS: tuple[str, ...] = ("S1", "IO", "S2", "END", "other")
 
 # {A} and {B} introduce the two people, {S} is the subject's second mention; the prompt stops
 # right before the indirect object. ABBA fills A=IO, B=S; BABA fills A=S, B=IO.
@@ -153,7 +158,7 @@ def _ioi(
             )
 
     rng = random.Random(seed)
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, list[str]]] = []
     order: list[int] = []
     for i in range(n):
         # Pairs of examples share a template, one per order, so both stay balanced.
@@ -163,8 +168,17 @@ def _ioi(
         template = templates[order[pair % len(templates)]]
         rows.append(_sample(model, rng, template, i % 2 == 0, names, places, objects, corruption))
     rng.shuffle(rows)
-    clean, corrupted, correct, incorrect = (list(col) for col in zip(*rows, strict=True))
-    return PromptTask.from_prompts(model, clean, corrupted, correct, incorrect, name="ioi")
+    clean, corrupted, correct, incorrect, labels = (list(col) for col in zip(*rows, strict=True))
+    return PromptTask.from_prompts(
+        model,
+        clean,
+        corrupted,
+        correct,
+        incorrect,
+        name="ioi",
+        positions=labels,
+        position_names=IOI_POSITIONS,
+    )
 
 
 def single_token_words(model: Any, words: Sequence[str]) -> list[str]:
@@ -182,24 +196,34 @@ def _sample(
     objects: list[str],
     corruption: Corruption,
     tries: int = 100,
-) -> tuple[str, str, str, str]:
-    """One (clean, corrupted, ' IO', ' S') row, resampled until the pair has equal lengths."""
+) -> tuple[str, str, str, str, list[str]]:
+    """One (clean, corrupted, ' IO', ' S', labels) row, resampled until the pair has equal
+    lengths; the labels name each token of the clean prompt (`IOI_POSITIONS`)."""
     for _ in range(tries):
         # Five names either way, so both corruptions share the seed's clean prompts.
         io, s, a, b, c = rng.sample(names, 5)
         place, obj = rng.choice(places), rng.choice(objects)
         first, second = (io, s) if abba else (s, io)
-        clean = template.format(A=first, B=second, S=s, PLACE=place, OBJECT=obj)
+        clean, fields = fill_template(template, A=first, B=second, S=s, PLACE=place, OBJECT=obj)
         if corruption == "abc":
             corrupted = template.format(A=a, B=b, S=c, PLACE=place, OBJECT=obj)
         else:
             corrupted = template.format(A=second, B=first, S=io, PLACE=place, OBJECT=obj)
         if _n_tokens(model, clean) == _n_tokens(model, corrupted):
-            return clean, corrupted, " " + io, " " + s
+            return clean, corrupted, " " + io, " " + s, _labels(model, clean, fields, abba)
     raise ValueError(
         f"Could not find names giving equal-length clean/corrupted prompts for template "
         f"{template!r} in {tries} tries; the tokenizer merges names with their neighbours."
     )
+
+
+def _labels(model: Any, clean: str, fields: list[tuple[str, int, int]], abba: bool) -> list[str]:
+    """IOI_POSITIONS labels per token of `clean`, from where its name fields landed."""
+    roles = {"A": "IO" if abba else "S1", "B": "S1" if abba else "IO", "S": "S2"}
+    spans = {roles[f]: (start, end) for f, start, end in fields if f in roles}
+    labels = label_tokens(model, clean, spans, default="other", merged="last")
+    labels[-1] = "END"
+    return labels
 
 
 def _check_templates(templates: tuple[str, ...]) -> None:
