@@ -286,7 +286,8 @@ def _attribution(
             values = ev.ablation.values(idx, part.clean.shape[1])
             hooks = mixing_hooks(site_masks(circuit.shape, gates), values)
             logits = forward_answers(model, part.clean, part.answer_pos, hooks, fast=False)
-            loss = faithfulness_loss(objective, logits, ev.full[idx], part) * (stop - start) / n
+            full = ev.full[idx.to(ev.full.device)]  # the output device, under a device_map
+            loss = faithfulness_loss(objective, logits, full, part) * (stop - start) / n
             loss.backward()
     return {g: gates[g].grad.abs().cpu() for g in ranked}  # type: ignore[union-attr]
 

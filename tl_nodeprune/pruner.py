@@ -546,7 +546,9 @@ class PruneRun:
         cfg, model, shape = pruner.config, pruner.model, pruner.shape
         self.cfg, self.model, self.shape = cfg, model, shape
         grans = pruner.granularities
-        device = model_device(model)
+        # The gates' device (the input's); logits come out on the last block's, which under a
+        # device_map is another one, so the loss terms are brought here before they are added.
+        self.device = device = model_device(model)
         # Passes without gradient (ablation cache, full logits, selection scores) keep no
         # activations for backward, so they take twice the training batch: fewer passes over
         # the weights for the same prompts.
@@ -605,7 +607,7 @@ class PruneRun:
         with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, ckpt):
             logits = forward_answers(model, batch.clean, batch.answer_pos, fast=self.fast)
             full = self.full[idx.to(self.full.device)]
-            faith = faithfulness_loss(cfg.objective, logits, full, batch)
+            faith = faithfulness_loss(cfg.objective, logits, full, batch).to(self.device)
             l0 = self.gates.expected_l0()
             sparse = self.sparsity.terms(l0, step)
             if self.budget is not None:
@@ -629,7 +631,8 @@ class PruneRun:
                 kl = faith.detach()
             else:
                 with torch.no_grad():
-                    kl = distributed.mean_over_ranks(kl_divergence(full, logits), len(idx))
+                    kl = kl_divergence(full, logits).to(self.device)
+                    kl = distributed.mean_over_ranks(kl, len(idx))
             scale = self.budget.scale  # this step's; `ascend` replaces it, never edits it
             self.budget.ascend(kl)
             extra.update(train_kl=kl, kl_budget_scale=scale)
