@@ -8,7 +8,8 @@ seed N, split at `--train-fraction` (0.8: 800 to train, 200 held out), then
 `NodePruner(model, PruneConfig(seed=N, **cfg))`. Prints and appends kept nodes per granularity,
 held-out faithfulness and KL (the same on up to 200 of the training prompts and, for IOI, on
 as many `ioi_independent` prompts as are held out), and the training time; saves the learned
-log_alphas beside the output (`out/quality_TAG_TASK_N.pt`) for later threshold studies.
+log_alphas and the circuit beside the output (`out/quality_TAG_TASK_N.pt`, `.json`) for
+later studies.
 """
 
 from __future__ import annotations
@@ -79,14 +80,27 @@ def main() -> None:
             "n_held_out": len(held_out),
             "fit_s": round(seconds, 1),
             "kept": {g: int(summary.loc[g, "kept"]) for g in summary.index},
+            **({"node_positions": {g: int(summary.loc[g, "node_positions"])
+                                   for g in summary.index}}
+               if "node_positions" in summary else {}),
+            "heads_at": _heads_at(result.circuit),
             "f": round(evaluation.faithfulness, 4),
             "kl": round(evaluation.kl, 4),
             **extra,
         }
         torch.save(result.log_alpha, out.with_name(f"quality_{args.tag}_{args.task}_{seed}.pt"))
+        result.circuit.save(out.with_name(f"quality_{args.tag}_{args.task}_{seed}.json"))
         print(json.dumps(row), flush=True)
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def _heads_at(circuit: tnp.Circuit) -> dict[str, int] | None:
+    """Kept heads per position of a position-aware circuit (None position-blind)."""
+    if circuit.positions is None:
+        return None
+    kept = circuit.kept_at("head")  # (positions, layer, head)
+    return {p: int(kept[i].sum()) for i, p in enumerate(circuit.positions.names)}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import psutil
@@ -30,8 +30,19 @@ def check_ablation(kind: str) -> None:
         raise ValueError(f"Unknown ablation {kind!r}; choose from {', '.join(ABLATIONS)}.")
 
 
+def site_names(shape: ModelShape, granularities: Iterable[str]) -> list[str]:
+    """The hooks that gates of `granularities` sit at, in `site_masks`'s order."""
+    wanted = set(granularities)
+    names = [s.hook_name(layer) for layer in range(shape.n_layers)
+             for g, s in SPECS.items() if g in wanted]  # fmt: skip
+    return list(dict.fromkeys(names))
+
+
 def site_masks(
-    shape: ModelShape, gates: dict[str, Tensor], per_example: bool = False
+    shape: ModelShape,
+    gates: dict[str, Tensor],
+    per_example: bool = False,
+    positions: Int[Tensor, "batch pos"] | None = None,
 ) -> dict[str, Tensor]:
     """Per hook, the gate tensor that mixes clean and ablated values there.
 
@@ -39,7 +50,10 @@ def site_masks(
     over its d_head values); granularities gated at the same hook multiply, coarse first (heads
     and head value dimensions both at `hook_z`: the hierarchy inside one hook). With
     `per_example`, every gate tensor leads with a batch axis (one draw per example), and each
-    mask is (batch, 1, units..., 1...): it broadcasts over positions.
+    mask is (batch, 1, units..., 1...): it broadcasts over positions. With `positions` (per
+    token, the index of its position), the gate tensors have a position axis before the layer
+    axis (after the batch axis) and each mask is (batch, pos, units..., 1...): every token
+    takes the gate of its position.
     """
     masks: dict[str, Tensor] = {}
     for layer in range(shape.n_layers):
@@ -47,15 +61,33 @@ def site_masks(
             if g not in gates:
                 continue
             s = SPECS[g]
-            mask = gates[g][:, layer] if per_example else gates[g][layer]
-            lead = (mask.shape[0], 1) if per_example else ()  # (batch, position) axes
-            units = mask.shape[1:] if per_example else mask.shape
+            mask = _layer_gate(gates[g], layer, per_example, positions)
+            lead = 0 if not (per_example or positions is not None) else 2  # (batch, position)
+            units = mask.shape[lead:]
             if lead or units:  # (units...) -> (units..., 1...) against the activation's axes
                 pad = [1] * (len(s.activation_axes) - len(units))
-                mask = mask.reshape(*lead, *units, *pad)
+                mask = mask.reshape(*mask.shape[:lead], *units, *pad)
             name = s.hook_name(layer)
             masks[name] = mask if name not in masks else masks[name] * mask
     return masks
+
+
+def _layer_gate(
+    gate: Tensor, layer: int, per_example: bool, positions: Tensor | None
+) -> Tensor:
+    """One layer's gates: (units), (batch, 1, units) per example, (batch, pos, units) by position.
+
+    `gate` is ([batch], [position], layer, units...): the batch axis with `per_example`, the
+    position axis with `positions`.
+    """
+    if positions is None:
+        return gate[:, layer, None] if per_example else gate[layer]
+    by_position = gate.select(2 if per_example else 1, layer)  # ([batch], position, units...)
+    positions = positions.to(gate.device)
+    if per_example:
+        rows = torch.arange(positions.shape[0], device=gate.device)[:, None]
+        return by_position[rows, positions]
+    return by_position[positions]
 
 
 def _mix_hook(mask: Tensor, ablated: Ablated) -> HookFn:

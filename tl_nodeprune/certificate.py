@@ -89,6 +89,11 @@ def certify(
     defaults to the circuit's own (`circuit.meta["ablation"]`), else corrupted.
     """
     check_objective(objective)
+    if circuit.positions is not None:
+        raise ValueError(
+            "certify flips whole nodes and does not check position-aware circuits yet; certify "
+            "a circuit found with PruneConfig(positions=None)."
+        )
     gated = circuit.granularities
     flipped, prices = _settings(gated, granularities, price, max_rounds, max_candidates)
     kind = ablation or circuit.meta.get("ablation", "corrupted")

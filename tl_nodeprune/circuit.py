@@ -14,11 +14,12 @@ import torch
 from torch import Tensor
 
 from .granularities import SPECS, check_granularity, parse_node_name, spec
+from .positions import PositionAxis, node_position_name
 from .sites import ModelShape
 
 FORMAT = "tl_nodeprune.circuit"
-VERSION = 2  # 2 added edges and scores; version-1 files still load
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # 2 added edges and scores, 3 positions; older files still load
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -33,6 +34,11 @@ class Circuit:
     Edge-level methods also fill `edges` (kept edges, named as in EAP-IG and MIB files:
     `input->a0.h1<q>`, `a5.h1->m5`, `m11->logits`) and may give `edge_scores`; any method
     may give `scores`, a node-importance tensor per granularity (higher = more important).
+
+    A position-aware circuit (`positions` set, `tl_nodeprune.positions`) has gates per position
+    and node, (len(positions), *units): a node is kept at a position when its gate there is
+    open and its parent is kept at that position. `kept` and `nodes` then say which nodes are
+    kept at some position, `kept_at` and `node_positions` where.
     """
 
     shape: ModelShape
@@ -42,15 +48,18 @@ class Circuit:
     edges: tuple[str, ...] | None = None
     scores: dict[str, Tensor] = field(default_factory=dict)
     edge_scores: dict[str, float] = field(default_factory=dict)
+    positions: PositionAxis | None = None
 
     def __post_init__(self) -> None:
         for what, tensors in (("Gates", self.gates), ("Scores", self.scores)):
             for g, t in tensors.items():
                 check_granularity(g)
-                if tuple(t.shape) != self.shape.units(g):
+                lead = self._lead if what == "Gates" else ()
+                if tuple(t.shape) != (*lead, *self.shape.units(g)):
                     raise ValueError(
                         f"{what} for {g!r} have shape {tuple(t.shape)}, expected "
-                        f"{self.shape.units(g)} for this model."
+                        f"{(*lead, *self.shape.units(g))} for this model"
+                        + (f" at {lead[0]} positions." if lead else ".")
                     )
         self.gates = {g: t.detach().float().cpu() for g, t in self.gates.items()}
         self.scores = {g: t.detach().float().cpu() for g, t in self.scores.items()}
@@ -73,16 +82,38 @@ class Circuit:
 
     @classmethod
     def from_nodes(
-        cls, shape: ModelShape, nodes: list[str], granularities: tuple[str, ...]
+        cls,
+        shape: ModelShape,
+        nodes: list[str],
+        granularities: tuple[str, ...],
+        positions: PositionAxis | None = None,
     ) -> Circuit:
-        """A binary circuit from node names, with gates for `granularities` (all else closed)."""
-        gates = {g: torch.zeros(shape.units(g)) for g in granularities}
-        for name in nodes:
+        """A binary circuit from node names, with gates for `granularities` (all else closed).
+
+        With `positions`, a name is kept at one position (`a3.h5@END`) or, without `@`, at
+        every position.
+        """
+        lead = () if positions is None else (len(positions),)
+        gates = {g: torch.zeros((*lead, *shape.units(g))) for g in granularities}
+        for full_name in nodes:
+            name, _, where = full_name.partition("@")
             g, index = parse_node(name, shape)
             if g not in gates:
                 raise ValueError(f"Node {name!r} is a {g}, but granularities are {granularities}.")
-            gates[g][index] = 1.0
-        return cls(shape, gates)
+            if positions is None and where:
+                raise ValueError(
+                    f"Node {full_name!r} names a position, but the circuit is position-blind; "
+                    "pass positions=PositionAxis(...) or drop the '@...'."
+                )
+            if positions is not None and where and where not in positions.names:
+                raise ValueError(
+                    f"Node {full_name!r}: position {where!r} is not one of {positions.names}."
+                )
+            at = () if positions is None else (
+                slice(None) if not where else positions.names.index(where),
+            )
+            gates[g][(*at, *index)] = 1.0
+        return cls(shape, gates, positions=positions)
 
     @classmethod
     def from_edges(
@@ -117,21 +148,56 @@ class Circuit:
         )
 
     # -- membership ---------------------------------------------------------------------
-    def own_kept(self, granularity: str) -> Tensor:
-        """Nodes whose own gate is open, ignoring their parents (all True if not gated)."""
+    @property
+    def _lead(self) -> tuple[int, ...]:
+        """The position axis of the gate tensors: (len(positions),), or () position-blind."""
+        return () if self.positions is None else (len(self.positions),)
+
+    def own_kept_at(self, granularity: str) -> Tensor:
+        """Own gate open, parents ignored, per position: (len(positions), *units) (all True if
+        not gated); position-blind, the same as `own_kept`."""
         check_granularity(granularity)
         if granularity in self.gates:
             return self.gates[granularity] > self.threshold
-        return torch.ones(self.shape.units(granularity), dtype=torch.bool)
+        return torch.ones((*self._lead, *self.shape.units(granularity)), dtype=torch.bool)
 
-    def kept(self, granularity: str) -> Tensor:
-        """Nodes kept with the hierarchy applied: own gate open and parent kept."""
-        own = self.own_kept(granularity)
+    def kept_at(self, granularity: str) -> Tensor:
+        """Kept per position with the hierarchy applied there: own gate open at the position
+        and parent kept at it; position-blind, the same as `kept`."""
+        own = self.own_kept_at(granularity)
         parent_name = spec(granularity).parent
         if parent_name is None:
             return own
-        parent = self.kept(parent_name)
+        parent = self.kept_at(parent_name)
         return own & parent.reshape(*parent.shape, *([1] * (own.dim() - parent.dim())))
+
+    def own_kept(self, granularity: str) -> Tensor:
+        """Nodes whose own gate is open (at some position), ignoring their parents."""
+        own = self.own_kept_at(granularity)
+        return own if self.positions is None else own.any(0)
+
+    def kept(self, granularity: str) -> Tensor:
+        """Nodes kept with the hierarchy applied (at some position, if position-aware)."""
+        kept = self.kept_at(granularity)
+        return kept if self.positions is None else kept.any(0)
+
+    def node_gates(self) -> dict[str, Tensor]:
+        """One gate value per node (shaped `shape.units(g)`): its largest over positions."""
+        if self.positions is None:
+            return self.gates
+        return {g: t.amax(0) for g, t in self.gates.items()}
+
+    @property
+    def node_positions(self) -> list[str]:
+        """Kept nodes at their positions, `a3.h5@END` (position-blind: the plain names)."""
+        if self.positions is None:
+            return self.nodes
+        return [
+            node_position_name(name, position)
+            for g in self.granularities
+            for p, position in enumerate(self.positions.names)
+            for name in _names(g, self.kept_at(g)[p])
+        ]
 
     @property
     def granularities(self) -> tuple[str, ...]:
@@ -178,27 +244,33 @@ class Circuit:
         return self.n_kept(granularity) / self.kept(granularity).numel()
 
     def summary(self) -> pd.DataFrame:
-        """Kept nodes per granularity: count, total and fraction."""
+        """Kept nodes per granularity: count, total and fraction (and, position-aware, the
+        node-positions kept)."""
         rows = [
             {
                 "granularity": g,
                 "kept": self.n_kept(g),
                 "total": self.kept(g).numel(),
                 "fraction": self.fraction(g),
+                **({} if self.positions is None else
+                   {"node_positions": int(self.kept_at(g).sum())}),
             }
             for g in SPECS
             if self.shape.has(g) and (g in self.gates or g in self.shape.blocks())
-        ]
+        ]  # fmt: skip
         return pd.DataFrame(rows).set_index("granularity")
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per gated node: name, granularity, layer, unit index, gate value, kept."""
+        """One row per gated node: name, granularity, layer, unit index, gate value, kept
+        (position-aware: one row per node and position, with a `position` column)."""
         frames = []
-        for g in self.granularities:
-            gate, kept = self.gates[g], self.kept(g)
-            index = torch.ones_like(gate, dtype=torch.bool).nonzero()
-            frames.append(
-                pd.DataFrame(
+        for p, position in enumerate((None,) if self.positions is None else self.positions.names):
+            for g in self.granularities:
+                gate, kept = self.gates[g], self.kept_at(g)
+                if position is not None:
+                    gate, kept = gate[p], kept[p]
+                index = torch.ones_like(gate, dtype=torch.bool).nonzero()
+                frame = pd.DataFrame(
                     {
                         "name": _names(g, torch.ones_like(kept)),
                         "granularity": g,
@@ -208,7 +280,9 @@ class Circuit:
                         "kept": kept.flatten().numpy(),
                     }
                 )
-            )
+                if position is not None:
+                    frame.insert(1, "position", position)
+                frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
     @property
@@ -220,6 +294,8 @@ class Circuit:
         parts = [f"{g}={self.n_kept(g)}/{self.kept(g).numel()}" for g in self.summary().index]
         if self.edges is not None:
             parts.append(f"edges={len(self.edges)}")
+        if self.positions is not None:
+            parts.append(f"at {len(self.positions)} {self.positions.kind} positions")
         return f"Circuit({self.shape.name}: {', '.join(parts)})"
 
     # -- persistence --------------------------------------------------------------------
@@ -238,6 +314,8 @@ class Circuit:
             data["scores"] = {g: t.tolist() for g, t in self.scores.items()}
         if self.edge_scores:
             data["edge_scores"] = self.edge_scores
+        if self.positions is not None:
+            data["positions"] = self.positions.to_dict()
         return data
 
     @classmethod
@@ -255,6 +333,7 @@ class Circuit:
             for key in ("gates", "scores")
         }
         edges = data.get("edges")
+        positions = data.get("positions")
         return cls(
             shape,
             tensors["gates"],
@@ -263,6 +342,7 @@ class Circuit:
             edges=None if edges is None else tuple(edges),
             scores=tensors["scores"],
             edge_scores=dict(data.get("edge_scores", {})),
+            positions=None if positions is None else PositionAxis.from_dict(positions),
         )
 
     def save(self, path: str | Path) -> Path:

@@ -16,6 +16,7 @@ from .ablation import (
     capture,
     mixing_hooks,
     site_masks,
+    site_names,
 )
 from .circuit import Circuit
 from .objectives import answer_logits, kl_divergence
@@ -88,14 +89,21 @@ class Evaluation:
 def circuit_logits(
     model: Any, circuit: Circuit, task: PromptTask, ablation: Ablation, batch_size: int = 32
 ) -> Tensor:
-    """Answer logits with every node outside `circuit` ablated at its granularity."""
+    """Answer logits with every node outside `circuit` ablated at its granularity (and, for a
+    position-aware circuit, at the positions where it is not kept)."""
     binary = {
         g: (t > circuit.threshold).float().to(ablation.device) for g, t in circuit.gates.items()
     }
-    masks = site_masks(circuit.shape, binary)
-    return answer_logits(
-        model, task, lambda idx, seq: mixing_hooks(masks, ablation.values(idx, seq)), batch_size
-    )
+    axis = circuit.positions
+    if axis is not None:
+        axis.index(task)  # fails here, before any pass, when the task cannot be lined up
+
+    def hooks(idx: Tensor, seq: int) -> list:
+        at = None if axis is None else axis.index(task, idx, seq)  # each token's position
+        masks = site_masks(circuit.shape, binary, positions=at)
+        return mixing_hooks(masks, ablation.values(idx, seq))
+
+    return answer_logits(model, task, hooks, batch_size)
 
 
 class Evaluator:
@@ -119,8 +127,7 @@ class Evaluator:
         self.shape = ModelShape.from_model(model)
         task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
         grans = self.shape.resolve(granularities)
-        ones = {g: torch.ones(self.shape.units(g)) for g in {*grans, *self.shape.blocks()}}
-        self.names = sorted(site_masks(self.shape, ones))
+        self.names = sorted(site_names(self.shape, {*grans, *self.shape.blocks()}))
         with frozen(model):
             check_sites(
                 model,
@@ -145,7 +152,7 @@ class Evaluator:
                     f"The circuit's {g!r} gates hold NaN or infinite values; a gate must be a "
                     "number in [0, 1] (retrain, or rebuild the circuit with Circuit.from_nodes)."
                 )
-        missing = set(site_masks(circuit.shape, circuit.gates)) - set(self.names)
+        missing = set(site_names(circuit.shape, circuit.granularities)) - set(self.names)
         if missing:
             raise ValueError(
                 f"The circuit gates hooks {sorted(missing)} this Evaluator did not cache; "

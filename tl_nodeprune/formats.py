@@ -73,10 +73,11 @@ def _node_values(circuit: Circuit) -> dict[str, float]:
             v = circuit.scores[g]
         else:
             v = circuit.kept(g).float()
-            if g in circuit.gates:
-                v = circuit.gates[g].clone()
-                if g == "head" and "attn" in circuit.gates:
-                    v = v * circuit.gates["attn"][:, None]
+            gates = circuit.node_gates()  # position-aware: a node's largest gate over positions
+            if g in gates:
+                v = gates[g].clone()
+                if g == "head" and "attn" in gates:
+                    v = v * gates["attn"][:, None]
         for idx in torch.ones_like(v, dtype=torch.bool).nonzero().tolist():
             values[node_name(g, idx)] = float(v[tuple(idx)])
     return values
@@ -90,7 +91,9 @@ def to_mib(circuit: Circuit, parallel_attn_mlp: bool = False) -> dict[str, Any]:
     heads sharing it is): the whole subgraph its nodes induce, which is what ablating the nodes
     leaves running. Edge scores are the circuit's `edge_scores`, else the lower of the two
     ends' node values (scores or gates), so ranking edges ranks nodes. Our MLP neurons have no
-    place in the format (MIB's "neurons" are residual dimensions) and are not written.
+    place in the format (MIB's "neurons" are residual dimensions) and are not written. Nor do
+    positions: a position-aware circuit is written as the nodes it keeps at some position (the
+    format has no per-position nodes), its node values the largest gate over positions.
     """
     shape = circuit.shape
     values = _node_values(circuit)

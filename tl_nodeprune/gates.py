@@ -57,7 +57,12 @@ class HardConcrete:
 
 
 class GateSet(nn.Module):
-    """One `log_alpha` tensor per granularity, shaped like `ModelShape.units`."""
+    """One `log_alpha` tensor per granularity, shaped like `ModelShape.units`; with
+    `n_positions`, one per position and node, (n_positions, *units) (`tl_nodeprune.positions`).
+
+    The sparsity terms price a granularity's *mean* expected L0, so a node kept at every
+    position costs what it costs position-blind, and one kept at a single position a share.
+    """
 
     def __init__(
         self,
@@ -66,13 +71,17 @@ class GateSet(nn.Module):
         init_log_alpha: float = 3.0,
         hard_concrete: HardConcrete | None = None,
         device: torch.device | str | None = None,
+        n_positions: int | None = None,
     ) -> None:
         super().__init__()
         self.granularities = granularities
         self.hard_concrete = hard_concrete or HardConcrete()
+        lead = () if n_positions is None else (int(n_positions),)
         self.log_alpha = nn.ParameterDict(
             {
-                g: nn.Parameter(torch.full(shape.units(g), float(init_log_alpha), device=device))
+                g: nn.Parameter(
+                    torch.full((*lead, *shape.units(g)), float(init_log_alpha), device=device)
+                )
                 for g in granularities
             }
         )

@@ -34,7 +34,7 @@ def node_values(circuit: Circuit, granularity: str) -> Tensor:
     """
     if granularity in circuit.scores:
         return circuit.scores[granularity]
-    own = circuit.gates.get(granularity)
+    own = circuit.node_gates().get(granularity)  # position-aware: the largest over positions
     own = own if own is not None else torch.ones(circuit.shape.units(granularity))
     parent_name = spec(granularity).parent
     if parent_name is None:
@@ -159,8 +159,11 @@ def minimality(
     for g in grans:
         for idx in circuit.kept(g).nonzero().tolist():
             gates = {k: v.clone() for k, v in circuit.gates.items()}
-            gates[g][tuple(idx)] = 0.0
-            without = evaluator(Circuit(circuit.shape, gates, circuit.threshold)).faithfulness
+            at = () if circuit.positions is None else (slice(None),)  # at every position
+            gates[g][(*at, *idx)] = 0.0
+            without = evaluator(
+                Circuit(circuit.shape, gates, circuit.threshold, positions=circuit.positions)
+            ).faithfulness
             name = Circuit(circuit.shape, {g: _one_hot(circuit, g, idx)}).nodes[0]
             rows.append({"node": name, "granularity": g, "faithfulness_without": without,
                          "drop": base - without})  # fmt: skip

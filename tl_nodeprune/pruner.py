@@ -22,6 +22,7 @@ from .ablation import (
     check_ablation,
     mixing_hooks,
     site_masks,
+    site_names,
 )
 from .certificate import Certificate, certify
 from .checkpoint import CheckpointMode, blocks_to_checkpoint, check_checkpoint, checkpointed_blocks
@@ -35,6 +36,7 @@ from .objectives import (
     forward_answers,
     kl_divergence,
 )
+from .positions import PositionAxis, PositionKind, check_position_kind
 from .reference_run import ReferenceRun
 from .seed_spread import SeedSpread
 from .selection import (
@@ -342,6 +344,16 @@ class PruneConfig:
             "certificate, which says whether every flip was checked.",
         ),
     )
+    positions: PositionKind | None = field(
+        default=None,
+        metadata=_meta(
+            "Gate every node per token position too (tl_nodeprune.positions): None (one gate "
+            "per node, at every position), 'absolute' (one per token index; prompts of equal "
+            "length) or 'named' (one per label the task gives its tokens, e.g. IOI's S1, IO, "
+            "S2, END, other). A node at every position costs its price; at one, a share.",
+            lambda _, v: check_position_kind(v),
+        ),
+    )
     certify_candidates: int = field(
         default=64,
         metadata=_meta(
@@ -363,6 +375,11 @@ class PruneConfig:
         check_checkpoint(self.checkpoint, self.checkpoint_budget_bytes)
         if self.granularities is not None:
             self.check_gated(tuple(self.granularities))
+        if self.certify and self.positions is not None:
+            raise ValueError(
+                "PruneConfig.certify does not check position-aware circuits yet (each flip would "
+                "be a node at one position); set certify=False or positions=None."
+            )
         if self.target_kl is not None and self.target_faithfulness is not None:
             raise ValueError(
                 "PruneConfig.target_kl and target_faithfulness each choose the circuit on the "
@@ -476,11 +493,12 @@ class NodePruner:
                 "granularities": list(self.granularities),
                 **distributed.meta(),  # {"ranks": N} when data parallel over N ranks
             },
+            positions=run.axis,
         )
         log_alpha = {g: la.detach().cpu().clone() for g, la in run.gates.log_alpha.items()}
         selection = None
         if validation is not None and cfg.selects:
-            selection = self._select(log_alpha, validation, run.nograd, circuit.meta)
+            selection = self._select(log_alpha, validation, run, circuit.meta)
             circuit = selection.circuit
         certificate = None
         if validation is not None and cfg.certify:
@@ -495,20 +513,20 @@ class NodePruner:
         self,
         log_alpha: dict[str, Tensor],
         validation: PromptTask,
-        batch_size: int,
+        run: PruneRun,
         meta: dict[str, Any],
     ) -> Selection:
         """The smallest circuit along the gate order that reaches target_faithfulness, or that
         stays within target_kl, on the validation prompts."""
         cfg = self.config
-        common = (self.model, validation, self.granularities, cfg.ablation, batch_size)
+        common = (self.model, validation, self.granularities, cfg.ablation, run.nograd)
         if cfg.target_faithfulness is not None:
             score = faithfulness_scorer(*common, cfg.selection_measure, cfg.cache_bytes)
             target = cfg.target_faithfulness
         else:  # a KL budget b: the score is -KL, the target -b
             score, target = kl_scorer(*common, cache_bytes=cfg.cache_bytes), -cfg.target_kl
         selection = select_smallest(log_alpha, self.shape, score, target, cfg.hard_concrete,
-                                    meta=meta)  # fmt: skip
+                                    meta=meta, positions=run.axis)  # fmt: skip
         if cfg.target_faithfulness is None:
             kl = -selection.faithfulness
             selection.circuit.meta["selection"] = {
@@ -558,7 +576,9 @@ class PruneRun:
         plan = BatchPlan.draw(task, cfg.steps, cfg.batch_size, cfg.seed, device)
         self.global_sizes = [len(idx) for idx in plan.indices]
         self.plan = distributed.shard_plan(plan)
-        self.gates = GateSet(shape, grans, cfg.init_log_alpha, cfg.hard_concrete, device)
+        self.axis = None if cfg.positions is None else PositionAxis.for_task(cfg.positions, task)
+        self.gates = GateSet(shape, grans, cfg.init_log_alpha, cfg.hard_concrete, device,
+                             n_positions=None if self.axis is None else len(self.axis))
         self.sparsity = Sparsity(
             {g: cfg.penalty_for(g, shape) for g in grans},
             {g: t for g, t in (cfg.target_sparsity or {}).items() if g in grans},
@@ -580,7 +600,8 @@ class PruneRun:
             f"Run the model in float32, lower PruneConfig.lr (now {cfg.lr}), or check that "
             "a custom objective returns finite values.",
         )
-        names = list(site_masks(shape, self.gates.sample(self.gen)))
+        self.gates.sample(self.gen)  # an unused first draw: every seed's stream stays as it was
+        names = site_names(shape, grans)
         check_sites(
             model, shape, grans, lambda hooks: capture(model, task.clean[:1, :1].to(device), hooks)
         )
@@ -600,7 +621,8 @@ class PruneRun:
         else:
             sampled = self.gates.sample(self.gen)
         ablated = self.ablation.lazy_values(idx, seq)  # indexed inside each hook
-        hooks = mixing_hooks(site_masks(self.shape, sampled, per_example), ablated)
+        at = None if self.axis is None else self.axis.index(batch)  # each token's position
+        hooks = mixing_hooks(site_masks(self.shape, sampled, per_example, at), ablated)
         ckpt = blocks_to_checkpoint(cfg.checkpoint, cfg.checkpoint_budget_bytes, self.shape,
                                     *batch.clean.shape, self.full.element_size())  # fmt: skip
         # Backward inside the hooks: checkpointed blocks rerun their gated forward there.

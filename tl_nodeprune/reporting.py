@@ -121,8 +121,12 @@ def _unpack(
 def _figures(
     circuit: Circuit, hist: pd.DataFrame | None, reference: Reference | HeadClasses | None
 ) -> list[go.Figure]:
-    """Heads, graph, one strip per gated (or default) many-unit granularity, then history."""
+    """Heads (by position too, for a position-aware circuit), graph, one strip per gated (or
+    default) many-unit granularity, then history."""
     figures = [plot.heads(circuit, reference=reference), plot.graph(circuit, reference=reference)]
+    if circuit.positions is not None:
+        figures[1:1] = [plot.by_position(circuit, g, reference=reference)
+                        for g in ("head", "attn", "mlp") if g in circuit.gates]  # fmt: skip
     strips = [g for g, s in SPECS.items() if s.view == "strip" and circuit.shape.has(g)
               and (g in circuit.gates or s.default)]  # fmt: skip
     figures += [plot.units(circuit, g) for g in strips]

@@ -22,6 +22,7 @@ from .ablation import DEFAULT_CACHE_BYTES, AblationKind
 from .circuit import Circuit
 from .evaluation import Evaluator
 from .gates import HardConcrete
+from .positions import PositionAxis
 from .reference_run import faithfulness
 from .sites import ModelShape
 from .tasks.base import PromptTask
@@ -48,13 +49,15 @@ def circuit_at(
     threshold: float,
     hard_concrete: HardConcrete | None = None,
     meta: dict[str, Any] | None = None,
+    positions: PositionAxis | None = None,
 ) -> Circuit:
-    """The circuit of nodes whose log_alpha exceeds `threshold` (0 gives the default circuit)."""
+    """The circuit of nodes whose log_alpha exceeds `threshold` (0 gives the default circuit);
+    `positions` when the log_alphas lead with a position axis."""
     hc = hard_concrete or HardConcrete()
     gates = {
         g: hc.deterministic(la.detach().float().cpu() - threshold) for g, la in log_alpha.items()
     }
-    return Circuit(shape, gates, 0.5, meta=dict(meta or {}))
+    return Circuit(shape, gates, 0.5, meta=dict(meta or {}), positions=positions)
 
 
 def faithfulness_scorer(
@@ -121,6 +124,7 @@ def select_smallest(
     max_candidates: int = 32,
     refine_steps: int = 8,
     meta: dict[str, Any] | None = None,
+    positions: PositionAxis | None = None,
 ) -> Selection:
     """Score nested circuits (high threshold = small) and keep the smallest reaching `target`.
 
@@ -132,7 +136,7 @@ def select_smallest(
 
     def visit(t: float) -> float:
         if t not in rows:
-            c = circuit_at(shape, log_alpha, t, hard_concrete)
+            c = circuit_at(shape, log_alpha, t, hard_concrete, positions=positions)
             rows[t] = {"threshold": t, **{f"kept_{g}": c.n_kept(g) for g in c.granularities},
                        "nodes": len(c.nodes), "faithfulness": score(c)}  # fmt: skip
         return rows[t]["faithfulness"]
@@ -157,7 +161,7 @@ def select_smallest(
         best = max(rows, key=lambda t: (rows[t]["faithfulness"], t))
     curve = pd.DataFrame(sorted(rows.values(), key=lambda r: -r["threshold"]))
     curve["meets_target"] = curve["faithfulness"] >= target
-    circuit = circuit_at(shape, log_alpha, best, hard_concrete, meta)
+    circuit = circuit_at(shape, log_alpha, best, hard_concrete, meta, positions)
     found = rows[best]["faithfulness"]
     circuit.meta["selection"] = {"target": target, "log_alpha_threshold": best,
                                  "validation_faithfulness": found}  # fmt: skip

@@ -154,6 +154,7 @@ SETTINGS = {
     "gate_noise": (["--gate-noise", "example"], "example"),
     "certify": (["--certify"], True),
     "certify_candidates": (["--certify-candidates", "12"], 12),
+    "positions": (["--positions", "named"], "named"),
 }
 
 
@@ -171,14 +172,17 @@ def test_each_option_sets_its_own_field_and_nothing_else(monkeypatch, name):
 
 
 def test_all_options_at_once_reach_the_config():
-    # target_kl and target_faithfulness exclude each other: all but target_kl, then it alone
-    together = {n: v for n, v in SETTINGS.items() if n != "target_kl"}
+    # target_kl excludes target_faithfulness, positions excludes certify: all but target_kl and
+    # positions, then each alone
+    alone = ("target_kl", "positions")
+    together = {n: v for n, v in SETTINGS.items() if n not in alone}
     argv = [word for option, _ in together.values() for word in option]
     config = discover_config(argv)
     assert {name: getattr(config, name) for name in together} == {
         name: value for name, (_, value) in together.items()
     }
-    assert discover_config(SETTINGS["target_kl"][0]).target_kl == SETTINGS["target_kl"][1]
+    for name in alone:
+        assert getattr(discover_config(SETTINGS[name][0]), name) == SETTINGS[name][1]
 
 
 def test_no_options_give_the_default_config():

@@ -30,11 +30,12 @@ def unit_values(circuit: Circuit, granularity: str) -> tuple[Tensor, bool]:
     or its parent, the 0/1 kept mask stands in.
     """
     shape = circuit.shape.units(granularity)
-    if granularity in circuit.gates:
-        return circuit.gates[granularity], True
+    gates = circuit.node_gates()  # a position-aware circuit: each node's largest gate
+    if granularity in gates:
+        return gates[granularity], True
     parent = spec(granularity).parent
-    if parent is not None and parent in circuit.gates:
-        gate = circuit.gates[parent]
+    if parent is not None and parent in gates:
+        gate = gates[parent]
         gate = gate.reshape(*gate.shape, *([1] * (len(shape) - gate.dim())))
         return gate.expand(shape).clone(), False
     return circuit.kept(granularity).float(), False
