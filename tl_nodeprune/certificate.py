@@ -89,18 +89,13 @@ def certify(
     defaults to the circuit's own (`circuit.meta["ablation"]`), else corrupted.
     """
     check_objective(objective)
-    if circuit.positions is not None:
-        raise ValueError(
-            "certify flips whole nodes and does not check position-aware circuits yet; certify "
-            "a circuit found with PruneConfig(positions=None)."
-        )
+    _check_position_blind(circuit)
     gated = circuit.granularities
     flipped, prices = _settings(gated, granularities, price, max_rounds, max_candidates)
     kind = ablation or circuit.meta.get("ablation", "corrupted")
     evaluator = Evaluator(model, task, kind, batch_size, gated, cache_bytes)
     evaluator(circuit)  # validates the circuit against the model and the cache
     search = _Search(evaluator, objective, prices, circuit.meta)
-
     own: Own = {g: circuit.kept(g) for g in gated}  # hierarchy applied: one state a circuit
     loss, rows, unchecked = search.loss(own), [], dict.fromkeys(flipped, 0)
     converged, rounds = False, 0
@@ -124,6 +119,15 @@ def certify(
         prices=prices,
         evaluation=evaluator(repaired),
     )
+
+
+def _check_position_blind(circuit: Circuit) -> None:
+    """Refuse a position-aware circuit: a flip would be a node at one position (not built)."""
+    if circuit.positions is not None:
+        raise ValueError(
+            "certify flips whole nodes and does not check position-aware circuits yet; certify "
+            "a circuit found with PruneConfig(positions=None)."
+        )
 
 
 def _settings(

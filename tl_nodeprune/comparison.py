@@ -59,15 +59,35 @@ def _prf(pred: Tensor, true: Tensor) -> dict[str, float]:
     return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
 
 
+def _aligned(a: Circuit, b: Circuit, granularity: str) -> tuple[Tensor, Tensor]:
+    """Both circuits' kept-at masks over the union of their position names, by name (a node
+    counts as not kept at a position its circuit does not have)."""
+    assert a.positions is not None and b.positions is not None
+    names = list(dict.fromkeys((*a.positions.names, *b.positions.names)))
+
+    def spread(c: Circuit, axis: tuple[str, ...]) -> Tensor:
+        kept = c.kept_at(granularity)
+        out = kept.new_zeros((len(names), *kept.shape[1:]))
+        for i, name in enumerate(axis):
+            out[names.index(name)] = kept[i]
+        return out
+
+    return spread(a, a.positions.names), spread(b, b.positions.names)
+
+
 def compare(circuit: Circuit, reference: ReferenceLike) -> Comparison:
     """Precision = |C & R| / |C|, recall = |C & R| / |R|, F1 = 2|C & R| / (|C| + |R|).
 
-    Computed per granularity the reference speaks for (kept nodes, hierarchy applied), plus
+    Computed per granularity the reference speaks for (kept nodes, hierarchy applied; when
+    both are position-aware circuits, also per node and position, rows "head@position"), plus
     a table of the reference's heads by class: how many the circuit keeps and which it misses,
     and a last row counting the circuit's heads outside the reference.
     """
     ref, grans = _reference(reference, circuit.shape)
     rows = [{"granularity": g, **_prf(circuit.kept(g), ref.kept(g))} for g in grans]
+    if circuit.positions is not None and ref.positions is not None:
+        rows += [{"granularity": f"{g}@position", **_prf(*_aligned(circuit, ref, g))}
+                 for g in grans]  # fmt: skip
     scores = pd.DataFrame(rows).set_index("granularity")
     if isinstance(reference, Reference):
         classes = reference.head_class()

@@ -240,3 +240,18 @@ def test_position_figure_and_report_show_where_each_head_works(tmp_path) -> None
         plot.by_position(Circuit.full(shape))
     page = report(circuit, tmp_path / "r.html").read_text()
     assert "3 heads kept at 3 node-positions" in page
+
+
+def test_compare_scores_nodes_and_node_positions() -> None:
+    from tl_nodeprune.comparison import compare
+
+    shape = ModelShape.from_model(tiny_model("bridge-native"))
+    grans = ("attn", "head")
+    found = Circuit.from_nodes(shape, ["a0", "a0.h1@END", "a0.h2@IO"], grans,
+                               PositionAxis("named", ("IO", "END")))  # fmt: skip
+    truth = Circuit.from_nodes(shape, ["a0", "a0.h1@END", "a0.h2@S2"], grans,
+                               PositionAxis("named", ("S2", "END")))  # fmt: skip
+    scores = compare(found, truth).scores
+    assert scores.loc["head", ["tp", "fp", "fn"]].tolist() == [2, 0, 0]  # same heads
+    # At positions: a0.h1@END shared; a0.h2@IO extra; a0.h2@S2 missed (no S2 in `found`).
+    assert scores.loc["head@position", ["tp", "fp", "fn"]].tolist() == [1, 1, 1]
