@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from transformer_lens.hook_points import HookPoint
 
@@ -22,3 +24,31 @@ def hook_count(model) -> int:
         for m in model.modules()
         if isinstance(m, HookPoint)
     )
+
+
+def fails_cleanly(model, run: Callable[[], object], fail_at: int) -> None:
+    """Run `run` with a failure injected at the `fail_at`-th call of block 1, and check that it
+    raises and leaves no hooks, the model in train mode and every requires_grad flag as it was.
+
+    The model is put in train mode with its embedding frozen first, so that a method which
+    forgets to restore either is caught.
+    """
+    model.train()
+    model.embed.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    calls = []
+
+    def explode(module, args):
+        calls.append(1)
+        if len(calls) >= fail_at:
+            raise RuntimeError("injected failure")
+
+    handle = model.blocks[1].register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run()
+    finally:
+        handle.remove()
+    assert hook_count(model) == 0
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -5,7 +5,7 @@ import pytest
 from tl_nodeprune.baselines import BASELINES
 from tl_nodeprune.planted import planted_problem
 
-from ..conftest import hook_count
+from ..conftest import fails_cleanly, hook_count
 
 SETTINGS = {
     "edge_pruning": {"steps": 3, "progress": False},
@@ -20,25 +20,9 @@ SETTINGS = {
 @pytest.mark.parametrize("fail_at", [1, 4])
 def test_baseline_restores_hooks_mode_and_flags_after_an_error(method, fail_at):
     problem = planted_problem("bridge-native", seed=0, n_layers=2, n_prompts=8)
-    model = problem.model.train()
-    model.embed.requires_grad_(False)
-    flags = [p.requires_grad for p in model.parameters()]
-    calls = []
-
-    def explode(module, args):
-        calls.append(1)
-        if len(calls) >= fail_at:
-            raise RuntimeError("injected failure")
-
-    handle = model.blocks[1].register_forward_pre_hook(explode)
-    try:
-        with pytest.raises(RuntimeError, match="injected failure"):
-            BASELINES[method](model, problem.task, **SETTINGS[method])
-    finally:
-        handle.remove()
-    assert hook_count(model) == 0
-    assert model.training
-    assert [p.requires_grad for p in model.parameters()] == flags
+    model = problem.model
+    fails_cleanly(model, lambda: BASELINES[method](model, problem.task, **SETTINGS[method]),
+                  fail_at)  # fmt: skip
     assert not getattr(model.cfg, "use_split_qkv_input", False)
 
 

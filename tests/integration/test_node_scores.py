@@ -18,7 +18,7 @@ from tl_nodeprune.node_scores import (
 from tl_nodeprune.planted import add_distractors, planted_problem, tiny_model
 from tl_nodeprune.tasks.base import PromptTask
 
-from ..conftest import hook_count
+from ..conftest import fails_cleanly
 
 FAST = {"node_pruning": {"steps": 3}, "edge_pruning": {"steps": 3}}
 LEVEL_GRANS = {"blocks_heads": ("head", "mlp"), "neurons": ("head", "neuron")}
@@ -170,26 +170,12 @@ def test_compare_methods_reads_every_method_off_one_table():
 @pytest.mark.parametrize("fail_at", [1, 4])
 def test_a_failing_method_leaves_no_hooks_and_restores_mode_and_flags(method, fail_at):
     problem = planted_problem("bridge-native", seed=0, n_layers=2, n_prompts=8)
-    model, task = problem.model.train(), posed(problem)
-    model.embed.requires_grad_(False)
-    flags = [p.requires_grad for p in model.parameters()]
-    calls = []
-
-    def explode(module, args):
-        calls.append(1)
-        if len(calls) >= fail_at:
-            raise RuntimeError("injected failure")
-
+    model, task = problem.model, posed(problem)
     scores = method_scores(model, task, "random") if method == "curve" else None
-    handle = model.blocks[1].register_forward_pre_hook(explode)
-    try:
-        with pytest.raises(RuntimeError, match="injected failure"):
-            if method == "curve":
-                curve(model, task, scores, [0.5, 1.0])
-            else:
-                method_scores(model, task, method, **FAST.get(method, {}))
-    finally:
-        handle.remove()
-    assert hook_count(model) == 0
-    assert model.training
-    assert [p.requires_grad for p in model.parameters()] == flags
+
+    def run():
+        if method == "curve":
+            return curve(model, task, scores, [0.5, 1.0])
+        return method_scores(model, task, method, **FAST.get(method, {}))
+
+    fails_cleanly(model, run, fail_at)
