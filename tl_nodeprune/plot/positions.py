@@ -51,8 +51,9 @@ def by_position(
                              marker={"symbol": "square-open", "size": 14, "color": "#d62728"},
                              name="kept", hoverinfo="skip"))  # fmt: skip
     noun = spec(granularity).noun
-    fig.update_yaxes(autorange="reversed", title=noun)
-    fig.update_xaxes(title=f"position ({circuit.positions.kind})")
+    # Categorical axes fixed to the cells: markers would otherwise pad them.
+    fig.update_yaxes(range=[len(rows) - 0.5, -0.5], title=noun)
+    fig.update_xaxes(range=[-0.5, len(names) - 0.5], title=f"position ({circuit.positions.kind})")
     fig.update_layout(
         title=title or f"{len(rows)} {noun}s kept at {int(kept.sum())} node-positions",
         height=max(320, 22 * len(rows) + 140),
