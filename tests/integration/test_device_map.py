@@ -86,6 +86,11 @@ def test_evaluation_through_accelerate_hooks_gives_the_same_numbers(saved):
         assert getattr(hooked, field) == pytest.approx(getattr(plain, field), abs=1e-5), field
 
 
+@pytest.mark.skipif(
+    "hooked" in available_flavours(),
+    reason="on TransformerLens < 4, load_model(folder, device=...) loads a HookedTransformer by "
+    "hub name only, so there is no plain load of a local folder to compare with",
+)
 def test_load_model_with_a_device_map_matches_load_model_on_a_device(saved):
     problem, folder = saved
     on_device = load_model(str(folder), device="cpu")
