@@ -144,19 +144,23 @@ def compare_methods(
     max_kl: float | Sequence[float] = (0.3, 0.1),
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     ablation: AblationKind = "corrupted",
+    scores: Mapping[str, pd.Series] | None = None,
 ) -> pd.DataFrame:
     """One row per method: CPR, CMD, n for f >= target_f and the KL there, n for KL <= each
     `max_kl` (columns `n_kl_0.3`, ...), f and KL at `at_size` nodes (default: node pruning's n
     for target_f), seconds to score. A size no fraction reached is NaN.
 
     Every method is scored over one node list (`method_scores(model, task, m, **settings[m])`)
-    and measured through one `Evaluator`; the curves are in `attrs["curves"]`.
+    and measured through one `Evaluator`; the curves are in `attrs["curves"]`. `scores` gives
+    a method's scores made beforehand (e.g. on training prompts, measured here on held-out ones).
     """
     settings = settings or {}
     budgets = [max_kl] if isinstance(max_kl, (int, float)) else list(max_kl)
     evaluator = curve_evaluator(model, task, level, ablation)
     nodes = NodeList.from_model(model)
-    scores = {m: method_scores(model, task, m, ablation=ablation, **settings.get(m, {}))
+    given = dict(scores or {})
+    scores = {m: given[m] if m in given else method_scores(model, task, m, ablation=ablation,
+                                                         **settings.get(m, {}))
               for m in methods}  # fmt: skip
     curves = {m: curve(model, task, s, fractions, level, ablation, evaluator)
               for m, s in scores.items()}  # fmt: skip
