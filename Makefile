@@ -31,6 +31,17 @@ test: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/pytest -n 2 -m "not slow"
 	$(if $(SLOW),$(VENV)/bin/pytest -m slow)
 
+# The method comparison (issue 19) on SmolLM2, IOI and greater-than, seeds 0-2: every method
+# scored on the training prompts of `discover`'s split, curves on its held-out prompts; writes
+# docs/generated/comparison.md, comparison_<task>.{md,csv,html} and the figures (hours on CPU;
+# COMPARE_ARGS adds options, e.g. COMPARE_ARGS="--edge-steps 3000 --device cuda").
+COMPARE_ARGS ?=
+compare: install
+	for task in ioi greater_than; do \
+		PYTHONPATH=. $(VENV)/bin/python bench/comparison_study.py --model smollm2-135m \
+			--task $$task --seeds 0 1 2 --out docs/generated $(COMPARE_ARGS) || exit 1; \
+	done
+
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on any broken link.
 docs: install
 	$(VENV)/bin/mkdocs build --strict
@@ -43,4 +54,4 @@ notebooks: install
 test-tl3:
 	$(MAKE) test VENV=.venv-tl3 TL="transformer-lens==3.9.*" SLOW=
 
-.PHONY: install discover test test-tl3 docs notebooks
+.PHONY: install discover test test-tl3 docs notebooks compare

@@ -1,0 +1,265 @@
+"""Every method on the same prompts, at equal faithfulness and at equal size (issue 19).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/comparison_study.py \
+        --model smollm2-135m --task ioi --seeds 0 1 2 [--n-prompts 1000] [--steps 150] \
+        [--methods node_pruning eap ...] [--edge-steps 300] [--edge-target 0.95] \
+        [--out docs/generated]
+
+Per seed, the prompts and split of `tl-nodeprune discover --seed N`: `--n-prompts` drawn with
+seed N, split at `--train-fraction` with seed N (`--model planted`: its planted model and
+prompts, answered by the model's own top tokens, `posed`). Node pruning trains with the current
+defaults (`--steps` overrides its steps) on the training prompts; every method is scored there
+(`node_scores.method_scores`), and its curves are measured on the held-out prompts at MIB's node
+level (heads and MLP blocks) and at neuron level (`curves.compare_methods`). Per method and
+seed: CPR, CMD, the heads, MLP blocks and neurons of the smallest measured circuit with f >=
+`--target-f` and its KL, the sizes for KL <= 0.3 and 0.1, f and KL at node pruning's size,
+seconds to score and peak memory (RSS high-water mark; on a GPU `max_memory_allocated`).
+Irrelevant neurons (`tl_nodeprune.irrelevant`): for each method's heads-and-blocks circuit at
+its f >= target size, and edge pruning's own circuit, the neurons node pruning needs inside
+their MLP blocks for the same faithfulness. Writes comparison_<task>.md (tables, with this
+command at the top), comparison_<task>.csv (one row per level, method and seed),
+comparison_<task>_neurons.csv, the figures as PNGs, one self-contained HTML page (plotly inlined
+once) and comparison.md, an index of every task's page in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from bench.common import GENERATED, reset_peak_rss, status_bytes
+from bench.comparison_output import write_outputs
+from tl_nodeprune import tasks
+from tl_nodeprune.baselines import edge_pruning
+from tl_nodeprune.baselines.edge_pruning import EdgePruneConfig
+from tl_nodeprune.circuit import Circuit
+from tl_nodeprune.cli import DEFAULT_PROMPTS, DEFAULT_TRAIN_FRACTION
+from tl_nodeprune.curves import LEVELS, compare_methods, curve_evaluator, keep_top
+from tl_nodeprune.irrelevant import irrelevant_neurons
+from tl_nodeprune.metrics import MIB_FRACTIONS
+from tl_nodeprune.node_scores import METHODS, NodeList, method_scores
+from tl_nodeprune.pruner import NodePruner, PruneConfig
+from tl_nodeprune.sites import model_device
+from tl_nodeprune.tasks.base import PromptTask
+
+PLANTED = "planted"
+PLANTED_PROMPTS = 64
+# The coarse circuits whose MLP blocks the irrelevant-neurons analysis opens (random: no).
+COARSE = ("node_pruning", "eap", "eap_ig", "activation_patching", "edge_pruning")
+EDGE_OWN = "edge_pruning (own circuit)"
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="a load_model name, or 'planted'")
+    p.add_argument("--task", default="ioi", choices=tuple(tasks.REGISTRY),
+                   help="ignored with --model planted (its own task)")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n-prompts", type=int, default=None,
+                   help=f"per seed ({DEFAULT_PROMPTS}; planted {PLANTED_PROMPTS})")  # fmt: skip
+    p.add_argument("--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION)
+    p.add_argument("--steps", type=int, default=None, help="node pruning's steps (its default)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--edge-steps", type=int, default=EdgePruneConfig.steps)
+    p.add_argument("--edge-target", type=float, default=EdgePruneConfig.target_edge_sparsity,
+                   help="edge pruning's target edge sparsity")  # fmt: skip
+    p.add_argument("--ig-steps", type=int, default=5, help="EAP-IG's interpolation steps")
+    p.add_argument("--fractions", type=float, nargs="+", default=list(MIB_FRACTIONS))
+    p.add_argument("--target-f", type=float, default=0.9)
+    p.add_argument("--device", default=None, help="the model's device (load_model's default)")
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the figures as PNGs too (kaleido)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=GENERATED)
+    args = p.parse_args(argv)
+    if args.model == PLANTED:
+        args.task = PLANTED
+    args.n_prompts = args.n_prompts or (PLANTED_PROMPTS if args.model == PLANTED else
+                                        DEFAULT_PROMPTS)  # fmt: skip
+    return args
+
+
+def load(args: argparse.Namespace, seed: int, model: Any = None) -> tuple[Any, Any, Any]:
+    """(model, train, held_out) for `seed`, drawn and split as `tl-nodeprune discover` does.
+
+    A planted model is built per seed (as `discover --model planted --seed N`); a hub model
+    is loaded once and passed back in.
+    """
+    torch.manual_seed(seed)
+    if args.model == PLANTED:
+        from tl_nodeprune.planted import planted_problem
+
+        problem = planted_problem("bridge-native", seed=seed, n_prompts=args.n_prompts)
+        model, task = problem.model, posed(problem.model, problem.task)
+        if args.device is not None:
+            model.to(args.device)
+    else:
+        if model is None:
+            from tl_nodeprune.models import load_model
+
+            model = load_model(args.model, device=args.device)
+        task = tasks.get(args.task)(model, n=args.n_prompts, seed=seed)
+    train, held_out = task.split(args.train_fraction, seed=seed)
+    return model, train, held_out
+
+
+def posed(model: Any, task: PromptTask) -> PromptTask:
+    """The planted prompts with answers the model separates: its top token on the clean prompt
+    against its top token on the corrupted one (the planted task's random answers make f
+    erratic, often far above 1)."""
+    with torch.no_grad():
+        clean, corrupted = model(task.clean)[:, -1], model(task.corrupted)[:, -1]
+    good, bad = clean.argmax(-1), corrupted.argmax(-1)
+    bad = torch.where(bad == good, clean.topk(2).indices[:, 1], bad)
+    return PromptTask.from_tokens(task.clean, task.corrupted, good, bad, name=task.name)
+
+
+@contextlib.contextmanager
+def peak_memory(model: Any, into: dict[str, float]) -> Iterator[None]:
+    """Peak memory (MiB) and seconds of the block into `into`: the GPU's allocated peak on a
+    CUDA model, else this process's resident-set high-water mark."""
+    cuda = model_device(model).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+    start = time.perf_counter()
+    yield
+    into["seconds"] = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")
+    into["peak_mib"] = peak / 2**20
+
+
+@dataclass
+class Scored:
+    """Every method's node scores on one seed's training prompts, with what each cost."""
+
+    scores: dict[str, pd.Series] = field(default_factory=dict)
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)
+    edge_circuit: Circuit | None = None
+
+
+def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -> Scored:
+    """Score every method of `args.methods` on `train`; node and edge pruning are timed whole
+    (training included), the others by `method_scores`."""
+    out = Scored()
+    for method in args.methods:
+        cost: dict[str, float] = {}
+        with peak_memory(model, cost):
+            if method == "node_pruning":
+                config = PruneConfig(seed=seed, progress=False,
+                                     **({"steps": args.steps} if args.steps else {}))  # fmt: skip
+                result: Any = NodePruner(model, config).fit(train)
+            elif method == "edge_pruning":
+                result = out.edge_circuit = edge_pruning(
+                    model, train, seed=seed, progress=False, steps=args.edge_steps,
+                    target_edge_sparsity=args.edge_target,
+                )  # fmt: skip
+            else:
+                result = None
+            extra = {"ig_steps": args.ig_steps} if method == "eap_ig" else {}
+            scores = method_scores(model, train, method, result=result, seed=seed, **extra)
+        scores.attrs["seconds"] = cost["seconds"]
+        out.scores[method], out.costs[method] = scores, cost
+    return out
+
+
+def seed_rows(
+    model: Any, held_out: Any, scored: Scored, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], dict[str, pd.DataFrame]]:
+    """Rows of both levels' `compare_methods` tables on the held-out prompts, with the heads,
+    MLP blocks and neurons of each method's f >= target circuit; and the curves by level."""
+    nodes = NodeList.from_model(model)
+    rows, curves = [], {}
+    for level in LEVELS:
+        table = compare_methods(model, held_out, list(scored.scores), args.fractions, level,
+                                target_f=args.target_f, scores=scored.scores)  # fmt: skip
+        curves[level] = pd.concat(
+            [c.assign(method=m) for m, c in table.attrs["curves"].items()], ignore_index=True
+        )
+        for method, row in table.iterrows():
+            n_f = row["n_f"]
+            counts: dict[str, float] = dict.fromkeys(("heads_f", "mlp_f", "neurons_f"), math.nan)
+            if n_f is not None and not pd.isna(n_f):
+                kept = keep_top(scored.scores[method], nodes, int(n_f), level)
+                counts = {"heads_f": kept.n_kept("head"), "mlp_f": kept.n_kept("mlp"),
+                          "neurons_f": kept.n_kept("neuron")}  # fmt: skip
+            rows.append({"level": level, "method": method, **row.to_dict(), **counts,
+                         "at_size": table.attrs["at_size"],
+                         "peak_mib": scored.costs[method]["peak_mib"]})  # fmt: skip
+    return rows, curves
+
+
+def coarse_circuits(
+    model: Any, scored: Scored, rows: list[dict[str, Any]]
+) -> dict[str, Circuit]:
+    """Each method's heads-and-blocks circuit at its f >= target size, and edge pruning's own."""
+    nodes = NodeList.from_model(model)
+    out = {}
+    for row in rows:
+        n_f = row["n_f"]
+        if row["level"] == "blocks_heads" and row["method"] in COARSE and not pd.isna(n_f):
+            out[row["method"]] = keep_top(scored.scores[row["method"]], nodes, int(n_f),
+                                          "blocks_heads")  # fmt: skip
+    if scored.edge_circuit is not None:
+        out[EDGE_OWN] = scored.edge_circuit
+    return out
+
+
+def run_seed(args: argparse.Namespace, seed: int, model: Any) -> tuple[Any, ...]:
+    """One seed of the study: (model, comparison rows, curves by level, irrelevant neurons,
+    neurons kept per layer)."""
+    model, train, held_out = load(args, seed, None if args.model == PLANTED else model)
+    scored = score_methods(model, train, args, seed)
+    rows, curves = seed_rows(model, held_out, scored, args)
+    edge = scored.edge_circuit
+    for row in rows:
+        row["seed"] = seed
+        if row["method"] == "edge_pruning" and edge is not None:
+            row["edge_sparsity"] = 1 - len(edge.edges or ()) / edge.meta["n_edges_total"]
+    neurons = per_layer = pd.DataFrame()
+    if "node_pruning" in scored.scores and NodeList.from_model(model).shape.has("neuron"):
+        evaluator = curve_evaluator(model, held_out, "neurons")
+        neurons = irrelevant_neurons(model, held_out, coarse_circuits(model, scored, rows),
+                                     scored.scores["node_pruning"], args.target_f,
+                                     evaluator)  # fmt: skip
+        per_layer = neurons.attrs.pop("per_layer").assign(seed=seed)
+        neurons = neurons.reset_index().assign(seed=seed)
+    return model, rows, curves, neurons, per_layer
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    """Run the study and write its files; returns them by kind."""
+    args = parse(argv)
+    command = "OMP_NUM_THREADS=1 PYTHONPATH=. python bench/comparison_study.py " + shlex.join(
+        sys.argv[1:] if argv is None else list(argv)
+    )
+    model, rows, curves, neurons, layers = None, [], [], [], []
+    for seed in args.seeds:
+        model, seed_table, seed_curves, seed_neurons, per_layer = run_seed(args, seed, model)
+        rows += seed_table
+        curves += [c.assign(level=level, seed=seed) for level, c in seed_curves.items()]
+        if len(seed_neurons):
+            neurons.append(seed_neurons)
+            layers.append(per_layer)
+        print(f"seed {seed} done", flush=True)
+    return write_outputs(
+        args, command, pd.DataFrame(rows), pd.concat(curves, ignore_index=True),
+        pd.concat(neurons, ignore_index=True) if neurons else pd.DataFrame(),
+        pd.concat(layers) if layers else pd.DataFrame(),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The comparison study (issue 19): its script end to end, and the irrelevant-neurons count."""
+
+import functools
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from bench import comparison_study
+from tl_nodeprune.circuit import Circuit
+from tl_nodeprune.cli import DEFAULT_TRAIN_FRACTION
+from tl_nodeprune.curves import compare_methods
+from tl_nodeprune.irrelevant import irrelevant_neurons, neurons_needed, top_neurons
+from tl_nodeprune.node_scores import NodeList, method_scores
+from tl_nodeprune.planted import add_distractors, planted_problem
+from tl_nodeprune.pruner import NodePruner, PruneConfig
+
+from .test_node_scores import posed
+
+STEPS = 30
+COMPARED = ["cpr", "cmd", "n_f", "kl_at_n_f", "n_kl_0.3", "n_kl_0.1", "f_at_size", "kl_at_size"]
+
+
+def test_the_study_writes_its_files_and_its_table_is_compare_methods_on_the_held_out_split(
+    tmp_path,
+):
+    methods = ["node_pruning", "eap", "random"]
+    files = comparison_study.main(["--model", "planted", "--seeds", "0", "--steps", str(STEPS),
+                                   "--methods", *methods, "--out", str(tmp_path)])  # fmt: skip
+    for kind in ("csv", "md", "html", "neurons_csv", "index", "png_curves",
+                 "png_neurons per layer"):  # fmt: skip
+        assert files[kind].exists() and files[kind].stat().st_size > 0, kind
+    md = files["md"].read_text()
+    assert "bench/comparison_study.py --model planted --seeds 0" in md.splitlines()[4]
+    assert "| node_pruning |" in md and "## Irrelevant neurons" in md
+    page = files["html"].read_text()
+    assert page.count("Plotly.newPlot") == 2 and 'src="http' not in page  # inlined, offline
+    table = pd.read_csv(files["csv"])
+
+    # the same draw, answers, split and scores, made here directly
+    torch.manual_seed(0)
+    problem = planted_problem("bridge-native", seed=0, n_prompts=64)
+    model, task = problem.model, comparison_study.posed(problem.model, problem.task)
+    train, held = task.split(DEFAULT_TRAIN_FRACTION, seed=0)
+    fit = NodePruner(model, PruneConfig(seed=0, steps=STEPS, progress=False)).fit(train)
+    scores = {m: method_scores(model, train, m, result=fit if m == "node_pruning" else None)
+              for m in methods}  # fmt: skip
+    for level in ("blocks_heads", "neurons"):
+        direct = compare_methods(model, held, methods, level=level, scores=scores)
+        ours = table[table.level == level].set_index("method").loc[methods]
+        for column in COMPARED:
+            expected = pd.to_numeric(direct[column]).to_numpy(dtype=float)
+            got = ours[column].to_numpy(dtype=float)
+            assert got == pytest.approx(expected, abs=1e-6, nan_ok=True), (level, column)
+        assert (ours.at_size == direct.attrs["at_size"]).all()
+    assert table.loc[table.level == "neurons", "n_f"].notna().all()
+
+
+@functools.cache
+def two_per_block():
+    """A planted model whose MLP blocks hold 2 needed neurons each of 32, 2 weak distractor
+    neurons and heads per layer besides, and node pruning's scores for it."""
+    problem = planted_problem("bridge-native", seed=0, neurons_per_layer=2)
+    problem = add_distractors(problem, 2, strength=0.01)
+    task = posed(problem)
+    return problem, task, method_scores(problem.model, task, "node_pruning")
+
+
+def block_circuit(truth: Circuit, blocks: list[int]) -> Circuit:
+    """The planted heads with whole MLP blocks `blocks` (a coarse circuit: no neuron gates)."""
+    mlp = torch.zeros(truth.shape.units("mlp"))
+    mlp[blocks] = 1.0
+    gates = {"attn": truth.gates["attn"], "head": truth.gates["head"], "mlp": mlp}
+    return Circuit(truth.shape, gates)
+
+
+def test_node_pruning_needs_exactly_the_planted_neurons_of_the_coarse_circuits_blocks():
+    problem, task, scores = two_per_block()
+    coarse = block_circuit(problem.circuit, [0, 1, 2])
+    found = neurons_needed(problem.model, task, coarse, scores, target_f=0.99)
+    assert found.coarse_f >= 0.99 and found.target == 0.99
+    assert found.needed == 6 and found.per_layer == (2, 2, 2)  # 2 of 32 in each block
+    assert found.coarse_neurons == 96
+    misses = found.measured[found.measured.k == 5].faithfulness
+    assert len(misses) == 1 and misses.iloc[0] < 0.99, "one neuron fewer was measured and missed"
+    table = irrelevant_neurons(problem.model, task, {"blocks": coarse}, scores, target_f=0.99)
+    assert table.loc["blocks", "needed"] == 6
+    assert table.loc["blocks", "irrelevant"] == pytest.approx(1 - 6 / 96)
+    per_layer = table.attrs["per_layer"]
+    assert per_layer.loc["blocks"].tolist() == [32, 32, 32]
+    assert per_layer.loc["blocks: node pruning"].tolist() == [2, 2, 2]
+
+
+def test_a_circuit_without_a_block_gets_no_neurons_there_even_when_they_score_best():
+    problem, task, scores = two_per_block()
+    coarse = block_circuit(problem.circuit, [1, 2])
+    nodes = NodeList.from_model(problem.model)
+    boosted = scores.copy()
+    boosted[nodes.names_of("neuron")[:32]] = math.inf  # block 0's neurons rank first
+    boosted["m1.n0"] = math.nan  # NaN ranks last inside the blocks
+    kept = top_neurons(coarse, nodes, boosted, 64).kept("neuron")
+    assert kept[0].sum() == 0 and kept[1:].sum() == 64
+    assert not top_neurons(coarse, nodes, boosted, 63).kept("neuron")[1, 0]
+    found = neurons_needed(problem.model, task, coarse, scores, target_f=0.99)
+    # the target is the coarse circuit's own f (0.353 without block 0's planted neurons); the
+    # distractors' tiny effects then count too (7 neurons measured), the planted 4 first
+    assert found.target == found.coarse_f < 0.99 and found.per_layer[0] == 0
+    assert 4 <= found.needed <= 8
+    kept = top_neurons(coarse, nodes, scores, found.needed).kept("neuron")
+    assert kept[problem.circuit.kept("neuron") & coarse.kept("mlp")[:, None]].all()
+    with pytest.raises(ValueError, match="0..64"):
+        top_neurons(coarse, nodes, scores, 65)

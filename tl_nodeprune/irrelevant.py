@@ -1,0 +1,186 @@
+"""Irrelevant neurons: how many of the neurons a coarse circuit runs node pruning needs.
+
+A circuit chosen at the level of heads and MLP blocks (MIB's node level, activation patching,
+an edge circuit's nodes) runs every neuron of each MLP block it keeps. Here its heads and
+attention blocks stay as they are and every MLP block outside it stays ablated; inside its
+kept blocks only the top k neurons by node pruning's neuron scores run (`method_scores(...,
+"node_pruning")`, a neuron's log_alpha capped by its block's), the others are ablated. The
+neurons node pruning needs is the smallest measured k whose faithfulness reaches the coarse
+circuit's own, capped at `target_f`: the same faithfulness, on the same prompts, with the
+same heads, so the difference is neurons alone. k is found on a doubling grid (0, 1, 2, 4, ...,
+all) and then by bisection between the last size that missed and the first that reached it,
+so k - 1 was measured and missed (f need not be monotone in k; only measured sizes count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .circuit import Circuit
+from .curves import curve_evaluator
+from .evaluation import Evaluation, Evaluator
+from .node_scores import NodeList
+from .tasks.base import PromptTask
+
+
+@dataclass(frozen=True)
+class NeuronsNeeded:
+    """One coarse circuit against node pruning's neurons inside its MLP blocks.
+
+    `blocks`: the MLP blocks the coarse circuit keeps; `coarse_f`: its faithfulness running
+    all their neurons; `target`: min(coarse_f, target_f); `needed`: the neurons reaching it
+    (None when even all of them do not, as when ablating neurons differs from the coarse
+    circuit); `per_layer`: of those, how many in each layer; `measured`: k, f and KL of every
+    size evaluated.
+    """
+
+    blocks: tuple[int, ...]
+    d_mlp: int
+    coarse_f: float
+    target: float
+    needed: int | None
+    f_needed: float
+    kl_needed: float
+    per_layer: tuple[int, ...]
+    measured: pd.DataFrame
+
+    @property
+    def coarse_neurons(self) -> int:
+        """Neurons the coarse circuit runs: all of each kept MLP block."""
+        return len(self.blocks) * self.d_mlp
+
+
+def top_neurons(
+    circuit: Circuit, nodes: NodeList, neuron_scores: pd.Series, k: int
+) -> Circuit:
+    """`circuit`'s heads and blocks with, inside its kept MLP blocks, only the top k neurons.
+
+    Ranked by `neuron_scores` (a node list's series; NaN last, ties to the earlier neuron).
+    """
+    shape = nodes.shape
+    blocks = circuit.kept("mlp")  # (layer,)
+    names = nodes.names_of("neuron")
+    values = torch.tensor(neuron_scores.loc[names].to_numpy(dtype=float), dtype=torch.float64)
+    values = values.nan_to_num(nan=-math.inf)  # (layer * neuron,), layer-major
+    inside = blocks[:, None].expand(shape.units("neuron")).flatten().nonzero().flatten()
+    if not 0 <= k <= len(inside):
+        raise ValueError(
+            f"k must be in 0..{len(inside)} (neurons of the kept MLP blocks), got {k}."
+        )
+    keep = torch.zeros(values.numel())
+    keep[inside[torch.sort(values[inside], descending=True, stable=True).indices[:k]]] = 1.0
+    gates = {
+        "attn": circuit.kept("attn").float(),
+        "head": circuit.kept("head").float(),
+        "mlp": blocks.float(),
+        "neuron": keep.reshape(shape.units("neuron")),
+    }
+    return Circuit(shape, gates, meta={"top_neurons": k})
+
+
+def neurons_needed(
+    model: Any,
+    task: PromptTask,
+    circuit: Circuit,
+    neuron_scores: pd.Series,
+    target_f: float = 0.9,
+    evaluator: Evaluator | None = None,
+) -> NeuronsNeeded:
+    """How many of `circuit`'s MLP neurons node pruning needs for its faithfulness (module doc).
+
+    `evaluator` must gate attention, heads, MLP blocks and neurons (`curve_evaluator(model,
+    task, "neurons")`, made here if not given).
+    """
+    nodes = NodeList.from_model(model)
+    if not nodes.shape.has("neuron"):
+        raise ValueError("The model has no MLP neurons; there is nothing to count.")
+    evaluator = evaluator or curve_evaluator(model, task, "neurons")
+    blocks = tuple(circuit.mlp_blocks)
+    total = len(blocks) * nodes.shape.d_mlp
+    results: dict[int, Evaluation] = {}
+
+    def measure(k: int) -> Evaluation:
+        if k not in results:
+            results[k] = evaluator(top_neurons(circuit, nodes, neuron_scores, k))
+        return results[k]
+
+    coarse_f = measure(total).faithfulness
+    target = min(coarse_f, target_f)
+    needed = _smallest(measure, total, target)
+    measured = pd.DataFrame(
+        [{"k": k, "faithfulness": r.faithfulness, "kl": r.kl} for k, r in sorted(results.items())]
+    )
+    per_layer = [0] * nodes.shape.n_layers
+    if needed is not None:
+        kept = top_neurons(circuit, nodes, neuron_scores, needed).kept("neuron").sum(1)
+        per_layer = [int(x) for x in kept]
+    at = results[needed] if needed is not None else None
+    return NeuronsNeeded(
+        blocks=blocks, d_mlp=nodes.shape.d_mlp, coarse_f=coarse_f, target=target, needed=needed,
+        f_needed=at.faithfulness if at else math.nan, kl_needed=at.kl if at else math.nan,
+        per_layer=tuple(per_layer), measured=measured,
+    )  # fmt: skip
+
+
+def _smallest(measure: Any, total: int, target: float) -> int | None:
+    """The smallest k on a doubling grid reaching `target`, then bisected down to one past a
+    measured miss; None when no size reaches it (NaN never does)."""
+    grid = sorted({0, total, *(2**i for i in range(max(total, 1).bit_length()) if 2**i < total)})
+    hit = next((k for k in grid if measure(k).faithfulness >= target), None)
+    if hit is None:
+        return None
+    low = max((k for k in grid if k < hit), default=None)
+    if low is None:
+        return hit
+    while hit - low > 1:
+        mid = (low + hit) // 2
+        if measure(mid).faithfulness >= target:
+            hit = mid
+        else:
+            low = mid
+    return hit
+
+
+def irrelevant_neurons(
+    model: Any,
+    task: PromptTask,
+    circuits: Mapping[str, Circuit],
+    neuron_scores: pd.Series,
+    target_f: float = 0.9,
+    evaluator: Evaluator | None = None,
+) -> pd.DataFrame:
+    """One row per coarse circuit: its MLP blocks and neurons, the neurons node pruning needs
+    there for the same faithfulness, and the share of them that are irrelevant.
+
+    Columns mlp_blocks, coarse_neurons, coarse_f, target, needed, f_needed, kl_needed,
+    irrelevant (1 - needed / coarse_neurons); `attrs["per_layer"]` is a frame of neurons kept
+    per layer (rows "<name>" for the coarse circuit, "<name>: node pruning" for the needed).
+    """
+    evaluator = evaluator or curve_evaluator(model, task, "neurons")
+    rows, layers = [], {}
+    for name, circuit in circuits.items():
+        found = neurons_needed(model, task, circuit, neuron_scores, target_f, evaluator)
+        coarse = found.coarse_neurons
+        rows.append({
+            "circuit": name, "mlp_blocks": len(found.blocks), "coarse_neurons": coarse,
+            "coarse_f": found.coarse_f, "target": found.target,
+            "needed": math.nan if found.needed is None else found.needed,
+            "f_needed": found.f_needed, "kl_needed": found.kl_needed,
+            "irrelevant": (1 - found.needed / coarse) if found.needed is not None and coarse
+            else math.nan,
+        })  # fmt: skip
+        layers[name] = [found.d_mlp if layer in found.blocks else 0
+                        for layer in range(len(found.per_layer))]  # fmt: skip
+        layers[f"{name}: node pruning"] = list(found.per_layer)
+    table = pd.DataFrame(rows).set_index("circuit") if rows else pd.DataFrame()
+    table.attrs["per_layer"] = pd.DataFrame.from_dict(layers, orient="index")
+    return table
+
+
+__all__ = ["NeuronsNeeded", "irrelevant_neurons", "neurons_needed", "top_neurons"]
