@@ -23,6 +23,7 @@ from .circuit import Circuit
 from .evaluation import Evaluation, Evaluator, circuit_logits
 from .granularities import ancestors, node_name, spec
 from .objectives import Objective, check_objective, faithfulness_loss, forward_answers
+from .positions import PositionAxis, node_position_name
 from .sites import frozen
 from .tasks.base import PromptTask
 
@@ -86,23 +87,23 @@ def certify(
     more than `max_candidates` closed (or kept) nodes, the flips tried are the top
     `max_candidates` by attribution, |d loss / d gate| from one backward pass (largest for
     closed nodes, smallest for kept ones); the rest are counted in `unchecked`. `ablation`
-    defaults to the circuit's own (`circuit.meta["ablation"]`), else corrupted.
+    defaults to the circuit's own, else corrupted. Position-aware: a flip is a node at one of
+    P positions (`a3.h5@END`), priced at `price[g] / P`, as training prices it.
     """
     check_objective(objective)
-    _check_position_blind(circuit)
     gated = circuit.granularities
     flipped, prices = _settings(gated, granularities, price, max_rounds, max_candidates)
     kind = ablation or circuit.meta.get("ablation", "corrupted")
     evaluator = Evaluator(model, task, kind, batch_size, gated, cache_bytes)
     evaluator(circuit)  # validates the circuit against the model and the cache
-    search = _Search(evaluator, objective, prices, circuit.meta)
-    own: Own = {g: circuit.kept(g) for g in gated}  # hierarchy applied: one state a circuit
+    search = _Search(evaluator, objective, prices, circuit.meta, circuit.positions)
+    own: Own = {g: circuit.kept_at(g) for g in gated}  # hierarchy applied: one state a circuit
     loss, rows, unchecked = search.loss(own), [], dict.fromkeys(flipped, 0)
     converged, rounds = False, 0
     while rounds < max_rounds and not converged:
         rounds += 1
         moves, unchecked = search.candidates(own, flipped, max_candidates)
-        own, loss, accepted, improving = _round(search, own, loss, moves, tolerance, circuit.shape)
+        own, loss, accepted, improving = _round(search, own, loss, moves, tolerance)
         rows += [(rounds, *row) for row in accepted]
         converged = not improving
     statement = _statement(converged, unchecked, rounds, max_candidates)
@@ -119,15 +120,6 @@ def certify(
         prices=prices,
         evaluation=evaluator(repaired),
     )
-
-
-def _check_position_blind(circuit: Circuit) -> None:
-    """Refuse a position-aware circuit: a flip would be a node at one position (not built)."""
-    if circuit.positions is not None:
-        raise ValueError(
-            "certify flips whole nodes and does not check position-aware circuits yet; certify "
-            "a circuit found with PruneConfig(positions=None)."
-        )
 
 
 def _settings(
@@ -166,7 +158,6 @@ def _round(
     loss: float,
     moves: list[Move],
     tolerance: float,
-    shape: Any,
 ) -> tuple[Own, float, list[tuple], bool]:
     """One sweep: score every move, then apply the improving ones best first, each checked
     again on the circuit as it then is. Returns the new state, its loss, the flips made and
@@ -174,7 +165,7 @@ def _round(
     best = search.objective(own, loss)
     scored = []
     for move in moves:
-        new = _flip(own, move, shape)
+        new = _flip(own, move)
         gain = best - search.objective(new, search.loss(new))
         if gain > tolerance:
             scored.append((gain, move))
@@ -183,12 +174,12 @@ def _round(
     for _, move in scored:
         if search.kept(own, move) != (move[2] == "remove"):
             continue  # an earlier flip this round already changed this node
-        new = _flip(own, move, shape)
+        new = _flip(own, move)
         new_loss = search.loss(new)
         before, after = search.objective(own, loss), search.objective(new, new_loss)
         if before - after > tolerance:
             saved = abs(search.price(new) - search.price(own))
-            accepted.append((node_name(move[0], move[1]), move[0], move[2], loss, new_loss,
+            accepted.append((search.name(move), move[0], move[2], loss, new_loss,
                              saved, before, after))  # fmt: skip
             own, loss = new, new_loss
     return own, loss, accepted, bool(scored)
@@ -203,13 +194,23 @@ class _Search:
         objective: Objective,
         prices: dict[str, float],
         meta: dict[str, Any],
+        positions: PositionAxis | None = None,
     ) -> None:
         self.ev, self.objective_fn, self.prices, self.meta = evaluator, objective, prices, meta
-        self.shape = evaluator.shape
+        self.shape, self.positions = evaluator.shape, positions
+        # A node-position costs a P-th of a node, as in training (the mean over positions).
+        self.share = 1.0 if positions is None else 1.0 / len(positions)
 
     def circuit(self, own: Own, meta: dict[str, Any] | None = None) -> Circuit:
         return Circuit(self.shape, {g: t.float() for g, t in own.items()}, 0.5,
-                       meta=dict(meta or self.meta))  # fmt: skip
+                       meta=dict(meta or self.meta), positions=self.positions)  # fmt: skip
+
+    def name(self, move: Move) -> str:
+        """`a3.h5`, or `a3.h5@END` for a node at one position."""
+        g, index, _ = move
+        if self.positions is None:
+            return node_name(g, index)
+        return node_position_name(node_name(g, index[1:]), self.positions.names[index[0]])
 
     def loss(self, own: Own) -> float:
         """The faithfulness loss of the circuit these own gates make."""
@@ -221,20 +222,20 @@ class _Search:
     def price(self, own: Own) -> float:
         """Sum over kept nodes (hierarchy applied) of their price."""
         circuit = self.circuit(own)
-        return sum(p * circuit.n_kept(g) for g, p in self.prices.items())
+        return sum(p * self.share * int(circuit.kept_at(g).sum()) for g, p in self.prices.items())
 
     def objective(self, own: Own, loss: float) -> float:
         return loss + self.price(own)
 
     def kept(self, own: Own, move: Move) -> bool:
-        return bool(self.circuit(own).kept(move[0])[move[1]])
+        return bool(self.circuit(own).kept_at(move[0])[move[1]])
 
     def candidates(
         self, own: Own, flipped: tuple[str, ...], max_candidates: int
     ) -> tuple[list[Move], dict[str, int]]:
         """Every flip of `flipped` nodes, coarse first; past `max_candidates`, the best ranked."""
         circuit = self.circuit(own)
-        kept = {g: circuit.kept(g) for g in flipped}
+        kept = {g: circuit.kept_at(g) for g in flipped}
         crowded = tuple(
             g for g in flipped if max(int(kept[g].sum()), int((~kept[g]).sum())) > max_candidates
         )
@@ -254,7 +255,7 @@ class _Search:
         return moves, unchecked
 
 
-def _flip(own: Own, move: Move, shape: Any) -> Own:
+def _flip(own: Own, move: Move) -> Own:
     """A copy of `own` with one node flipped, whole: with every node inside it, and restored
     with the closed blocks around it (a removed block takes its heads; a restored head brings
     its block; a restored block comes back with all its heads)."""
@@ -266,8 +267,8 @@ def _flip(own: Own, move: Move, shape: Any) -> Own:
             out[d][index] = value
     if value:
         for parent in ancestors(g):
-            if parent in out:
-                out[parent][index[: len(shape.units(parent))]] = True
+            if parent in out:  # the parent's index: a prefix (position, layer, ...) of the node's
+                out[parent][index[: out[parent].dim()]] = True
     return out
 
 
@@ -283,8 +284,10 @@ def _attribution(
     lifted = {a for g in ranked for a in ancestors(g)} - set(ranked)
     gates: dict[str, Tensor] = {}
     for g in circuit.granularities:
-        value = torch.ones(circuit.shape.units(g)) if g in lifted else circuit.kept(g).float()
+        kept = circuit.kept_at(g)
+        value = torch.ones(kept.shape) if g in lifted else kept.float()
         gates[g] = value.to(device).requires_grad_(g in ranked)
+    axis = circuit.positions
     seqs = (task.answer_pos.cpu() + 1).tolist()
     n = len(task)
     with frozen(model), torch.enable_grad():
@@ -292,8 +295,10 @@ def _attribution(
             stop = min(start + ev.batch_size, n)
             idx = torch.arange(start, stop, device=task.clean.device)
             part = task.take(idx, max(seqs[start:stop]))
-            values = ev.ablation.values(idx, part.clean.shape[1])
-            hooks = mixing_hooks(site_masks(circuit.shape, gates), values)
+            seq = part.clean.shape[1]
+            at = None if axis is None else axis.index(task, idx, seq)
+            hooks = mixing_hooks(site_masks(circuit.shape, gates, positions=at),
+                                 ev.ablation.values(idx, seq))  # fmt: skip
             logits = forward_answers(model, part.clean, part.answer_pos, hooks, fast=False)
             full = ev.full[idx.to(ev.full.device)]  # the output device, under a device_map
             loss = faithfulness_loss(objective, logits, full, part) * (stop - start) / n

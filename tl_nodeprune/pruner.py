@@ -375,11 +375,6 @@ class PruneConfig:
         check_checkpoint(self.checkpoint, self.checkpoint_budget_bytes)
         if self.granularities is not None:
             self.check_gated(tuple(self.granularities))
-        if self.certify and self.positions is not None:
-            raise ValueError(
-                "PruneConfig.certify does not check position-aware circuits yet (each flip would "
-                "be a node at one position); set certify=False or positions=None."
-            )
         if self.target_kl is not None and self.target_faithfulness is not None:
             raise ValueError(
                 "PruneConfig.target_kl and target_faithfulness each choose the circuit on the "

@@ -8,7 +8,7 @@ import torch
 from tl_nodeprune.certificate import OPTIMAL, certify
 from tl_nodeprune.circuit import Circuit
 from tl_nodeprune.evaluation import Evaluator
-from tl_nodeprune.granularities import parse_node_name, spec
+from tl_nodeprune.granularities import ancestors, parse_node_name, spec
 from tl_nodeprune.planted import add_distractors, planted_problem
 from tl_nodeprune.pruner import NodePruner, PruneConfig
 
@@ -116,3 +116,48 @@ def test_fit_with_certify_repairs_an_unconverged_run_on_its_validation_split(pro
     assert result.certificate.evaluation.n_prompts == 16
     uncertified = NodePruner(problem.model, replace(config, certify=False)).fit(problem.task)
     assert uncertified.certificate is None and len(uncertified.circuit.nodes) > 100
+
+
+def test_position_aware_certificate_by_brute_force_over_node_positions(distracted):
+    """Every node at every position flipped alone (removed with what it holds there, or restored
+    with its blocks there) does not beat the certified circuit's KL + price, where a node at one
+    of P positions costs a P-th of its price, as in training."""
+    from tl_nodeprune.positions import PositionAxis
+
+    model, task = distracted.model, distracted.task
+    n = task.clean.shape[1]
+    labels = [["early"] * (n // 2) + ["late"] * (n - n // 2 - 1) + ["END"]] * len(task)
+    task = replace(task, prompts=None)
+    task = type(task).from_tokens(task.clean, task.corrupted, task.correct, task.incorrect,
+                                  task.answer_pos, positions=labels)  # fmt: skip
+    axis = PositionAxis("named", ("early", "late", "END"))
+    truth = distracted.circuit  # every planted node at every position: far from optimal here
+    start = Circuit(truth.shape, {g: t.expand(3, *t.shape).clone() for g, t in truth.gates.items()},
+                    positions=axis)  # fmt: skip
+    cert = certify(model, start, task)
+    assert cert.locally_optimal and len(cert.flips) > 0
+    assert any("@" in node for node in cert.flips.node)
+    evaluator = Evaluator(model, task, granularities=truth.granularities)
+
+    def cost(c: Circuit) -> float:
+        per = {g: spec(g).price / 3 for g in c.granularities}
+        return evaluator(c).kl + sum(p * int(c.kept_at(g).sum()) for g, p in per.items())
+
+    best = cost(cert.circuit)
+    assert best == pytest.approx(cert.objective, abs=1e-5)
+    kept = {g: cert.circuit.kept_at(g) for g in truth.granularities}
+    flips = 0
+    for g in truth.granularities:
+        for index in torch.ones_like(kept[g]).nonzero().tolist():
+            gates = {d: t.clone().float() for d, t in kept.items()}
+            value = float(not kept[g][tuple(index)])
+            for d in gates:  # the node with everything inside it, at this position
+                if d == g or g in ancestors(d):
+                    gates[d][tuple(index)] = value
+            if value:  # restored with its blocks, at this position
+                for a in ancestors(g):
+                    gates[a][tuple(index[: gates[a].dim()])] = 1.0
+            other = Circuit(truth.shape, gates, positions=axis)
+            assert cost(other) > best - 1e-6, f"flipping {g} {index} improves"
+            flips += 1
+    assert flips == 3 * (3 + 3 + 12 + 96)

@@ -172,9 +172,8 @@ def test_each_option_sets_its_own_field_and_nothing_else(monkeypatch, name):
 
 
 def test_all_options_at_once_reach_the_config():
-    # target_kl excludes target_faithfulness, positions excludes certify: all but target_kl and
-    # positions, then each alone
-    alone = ("target_kl", "positions")
+    # target_kl excludes target_faithfulness: all but target_kl, then it alone
+    alone = ("target_kl",)
     together = {n: v for n, v in SETTINGS.items() if n not in alone}
     argv = [word for option, _ in together.values() for word in option]
     config = discover_config(argv)

@@ -213,8 +213,6 @@ def test_absolute_positions_refuse_prompts_of_different_lengths() -> None:
     assert hook_count(model) == before
     with pytest.raises(ValueError, match="positions='named' needs a task whose tokens carry"):
         NodePruner(model, PruneConfig(positions="named", steps=2, progress=False)).fit(task)
-    with pytest.raises(ValueError, match="does not check position-aware"):
-        PruneConfig(positions="absolute", certify=True)
 
 
 def test_position_figure_and_report_show_where_each_head_works(tmp_path) -> None:
@@ -255,3 +253,15 @@ def test_compare_scores_nodes_and_node_positions() -> None:
     assert scores.loc["head", ["tp", "fp", "fn"]].tolist() == [2, 0, 0]  # same heads
     # At positions: a0.h1@END shared; a0.h2@IO extra; a0.h2@S2 missed (no S2 in `found`).
     assert scores.loc["head@position", ["tp", "fp", "fn"]].tolist() == [1, 1, 1]
+
+
+def test_certify_in_fit_cuts_an_unconverged_run_to_each_node_at_its_position() -> None:
+    # 3 steps leave every gate open; the certificate on the validation quarter removes every
+    # node-position that is not worth its share of the price.
+    problem = compiled_problem("chain", "bridge-native", seed=0)
+    config = PruneConfig(granularities=("attn", "mlp", "head"), positions="absolute", steps=3,
+                         certify=True, progress=False)  # fmt: skip
+    result = NodePruner(problem.model, config).fit(problem.task)
+    truth = [f"{n}@{WORKS_AT['chain'][int(n[1])]}" for n in problem.circuit.nodes]
+    assert sorted(result.circuit.node_positions) == sorted(truth)
+    assert all("@" in node for node in result.certificate.flips.node)
