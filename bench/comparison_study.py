@@ -19,7 +19,9 @@ its f >= target size, and edge pruning's own circuit, the neurons node pruning n
 their MLP blocks for the same faithfulness. Writes comparison_<task>.md (tables, with this
 command at the top), comparison_<task>.csv (one row per level, method and seed),
 comparison_<task>_neurons.csv, the figures as PNGs, one self-contained HTML page (plotly inlined
-once) and comparison.md, an index of every task's page in `--out`.
+once), comparison.md (an index of every task's page in `--out`) and node pruning's circuit per
+seed as a MIB graph file (mib_<task>_seed<N>.json, for the MIB circuit track); `--mib NAME=PATH`
+adds circuits from other tools' MIB files as rows.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from tl_nodeprune.baselines.edge_pruning import EdgePruneConfig
 from tl_nodeprune.circuit import Circuit
 from tl_nodeprune.cli import DEFAULT_PROMPTS, DEFAULT_TRAIN_FRACTION
 from tl_nodeprune.curves import LEVELS, compare_methods, curve_evaluator, keep_top
+from tl_nodeprune.formats import read_mib, write_mib
 from tl_nodeprune.irrelevant import irrelevant_neurons
 from tl_nodeprune.metrics import MIB_FRACTIONS
 from tl_nodeprune.node_scores import METHODS, NodeList, method_scores
@@ -78,6 +81,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ig-steps", type=int, default=5, help="EAP-IG's interpolation steps")
     p.add_argument("--fractions", type=float, nargs="+", default=list(MIB_FRACTIONS))
     p.add_argument("--target-f", type=float, default=0.9)
+    p.add_argument("--mib", nargs="*", default=[], metavar="NAME=PATH",
+                   help="circuits from MIB / EAP-IG graph files, scored on this model as further "
+                   "rows 'mib:NAME' (their edge scores projected to nodes, as edge pruning's)")
     p.add_argument("--device", default=None, help="the model's device (load_model's default)")
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
                    help="write the figures as PNGs too (kaleido)")  # fmt: skip
@@ -148,6 +154,7 @@ class Scored:
     scores: dict[str, pd.Series] = field(default_factory=dict)
     costs: dict[str, dict[str, float]] = field(default_factory=dict)
     edge_circuit: Circuit | None = None
+    node_circuit: Circuit | None = None
 
 
 def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -> Scored:
@@ -161,6 +168,7 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
                 config = PruneConfig(seed=seed, progress=False,
                                      **({"steps": args.steps} if args.steps else {}))  # fmt: skip
                 result: Any = NodePruner(model, config).fit(train)
+                out.node_circuit = result.circuit
             elif method == "edge_pruning":
                 result = out.edge_circuit = edge_pruning(
                     model, train, seed=seed, progress=False, steps=args.edge_steps,
@@ -172,6 +180,12 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
             scores = method_scores(model, train, method, result=result, seed=seed, **extra)
         scores.attrs["seconds"] = cost["seconds"]
         out.scores[method], out.costs[method] = scores, cost
+    for spec in args.mib:  # other tools' circuits, read from MIB files (issue 19, item 6)
+        name, _, path = spec.partition("=")
+        scores = method_scores(model, train, "edge_pruning", result=read_mib(path, model))
+        scores.attrs["seconds"] = math.nan  # made elsewhere
+        out.scores[f"mib:{name}"] = scores
+        out.costs[f"mib:{name}"] = {"seconds": math.nan, "peak_mib": math.nan}
     return out
 
 
@@ -222,6 +236,8 @@ def run_seed(args: argparse.Namespace, seed: int, model: Any) -> tuple[Any, ...]
     neurons kept per layer)."""
     model, train, held_out = load(args, seed, None if args.model == PLANTED else model)
     scored = score_methods(model, train, args, seed)
+    if scored.node_circuit is not None:  # our circuit for the MIB circuit track (item 6)
+        write_mib(scored.node_circuit, args.out / f"mib_{args.task}_seed{seed}.json")
     rows, curves = seed_rows(model, held_out, scored, args)
     edge = scored.edge_circuit
     for row in rows:

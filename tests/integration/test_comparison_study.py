@@ -11,6 +11,7 @@ from bench import comparison_study
 from tl_nodeprune.circuit import Circuit
 from tl_nodeprune.cli import DEFAULT_TRAIN_FRACTION
 from tl_nodeprune.curves import compare_methods
+from tl_nodeprune.formats import read_mib, write_mib
 from tl_nodeprune.irrelevant import irrelevant_neurons, neurons_needed, top_neurons
 from tl_nodeprune.node_scores import NodeList, method_scores
 from tl_nodeprune.planted import add_distractors, planted_problem
@@ -26,8 +27,11 @@ def test_the_study_writes_its_files_and_its_table_is_compare_methods_on_the_held
     tmp_path,
 ):
     methods = ["node_pruning", "eap", "random"]
+    truth = planted_problem("bridge-native", seed=0, n_prompts=64).circuit
+    mib = write_mib(truth, tmp_path / "truth.mib.json")  # another tool's circuit, as a file
     files = comparison_study.main(["--model", "planted", "--seeds", "0", "--steps", str(STEPS),
-                                   "--methods", *methods, "--out", str(tmp_path)])  # fmt: skip
+                                   "--methods", *methods, "--out", str(tmp_path),
+                                   "--mib", f"truth={mib}"])  # fmt: skip
     for kind in ("csv", "md", "html", "neurons_csv", "index", "png_curves",
                  "png_neurons per layer"):  # fmt: skip
         assert files[kind].exists() and files[kind].stat().st_size > 0, kind
@@ -46,9 +50,13 @@ def test_the_study_writes_its_files_and_its_table_is_compare_methods_on_the_held
     fit = NodePruner(model, PruneConfig(seed=0, steps=STEPS, progress=False)).fit(train)
     scores = {m: method_scores(model, train, m, result=fit if m == "node_pruning" else None)
               for m in methods}  # fmt: skip
+    scores["mib:truth"] = method_scores(model, train, "edge_pruning", result=read_mib(mib, model))
+    # our circuit went out as a MIB file, and reads back as the same nodes
+    ours_mib = read_mib(next(tmp_path.glob("mib_*_seed0.json")), model)
+    assert ours_mib.heads == fit.circuit.heads and ours_mib.mlp_blocks == fit.circuit.mlp_blocks
     for level in ("blocks_heads", "neurons"):
-        direct = compare_methods(model, held, methods, level=level, scores=scores)
-        ours = table[table.level == level].set_index("method").loc[methods]
+        direct = compare_methods(model, held, list(scores), level=level, scores=scores)
+        ours = table[table.level == level].set_index("method").loc[list(scores)]
         for column in COMPARED:
             expected = pd.to_numeric(direct[column]).to_numpy(dtype=float)
             got = ours[column].to_numpy(dtype=float)
