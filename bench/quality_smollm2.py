@@ -69,30 +69,27 @@ def main() -> None:
             on_independent = tnp.evaluate(model, result.circuit, independent)
             extra |= {"f_independent": round(on_independent.faithfulness, 4),
                       "kl_independent": round(on_independent.kl, 4)}  # fmt: skip
-        summary = result.circuit.summary()
         row = {
-            "tag": args.tag,
-            "task": args.task,
-            "seed": seed,
-            "cfg": overrides,
-            "n_prompts": args.n_prompts,
-            "n_train": len(train),
-            "n_held_out": len(held_out),
-            "fit_s": round(seconds, 1),
-            "kept": {g: int(summary.loc[g, "kept"]) for g in summary.index},
-            **({"node_positions": {g: int(summary.loc[g, "node_positions"])
-                                   for g in summary.index}}
-               if "node_positions" in summary else {}),
-            "heads_at": _heads_at(result.circuit),
-            "f": round(evaluation.faithfulness, 4),
-            "kl": round(evaluation.kl, 4),
-            **extra,
-        }
+            "tag": args.tag, "task": args.task, "seed": seed, "cfg": overrides,
+            "n_prompts": args.n_prompts, "n_train": len(train), "n_held_out": len(held_out),
+            "fit_s": round(seconds, 1), **_sizes(result.circuit),
+            "f": round(evaluation.faithfulness, 4), "kl": round(evaluation.kl, 4), **extra,
+        }  # fmt: skip
         torch.save(result.log_alpha, out.with_name(f"quality_{args.tag}_{args.task}_{seed}.pt"))
         result.circuit.save(out.with_name(f"quality_{args.tag}_{args.task}_{seed}.json"))
         print(json.dumps(row), flush=True)
         with out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def _sizes(circuit: tnp.Circuit) -> dict[str, object]:
+    """Kept nodes per granularity; position-aware, also node-positions and heads per position."""
+    summary = circuit.summary()
+    out: dict[str, object] = {"kept": {g: int(summary.loc[g, "kept"]) for g in summary.index}}
+    if "node_positions" in summary:
+        out["node_positions"] = {g: int(summary.loc[g, "node_positions"]) for g in summary.index}
+    out["heads_at"] = _heads_at(circuit)
+    return out
 
 
 def _heads_at(circuit: tnp.Circuit) -> dict[str, int] | None:
