@@ -287,7 +287,8 @@ def _attribution(
         kept = circuit.kept_at(g)
         value = torch.ones(kept.shape) if g in lifted else kept.float()
         gates[g] = value.to(device).requires_grad_(g in ranked)
-    axis = circuit.positions
+    # Each token's position, once for the task; each batch takes its rows.
+    where = None if circuit.positions is None else circuit.positions.index(task)
     seqs = (task.answer_pos.cpu() + 1).tolist()
     n = len(task)
     with frozen(model), torch.enable_grad():
@@ -296,7 +297,7 @@ def _attribution(
             idx = torch.arange(start, stop, device=task.clean.device)
             part = task.take(idx, max(seqs[start:stop]))
             seq = part.clean.shape[1]
-            at = None if axis is None else axis.index(task, idx, seq)
+            at = None if where is None else where[idx.to(where.device), :seq]
             hooks = mixing_hooks(site_masks(circuit.shape, gates, positions=at),
                                  ev.ablation.values(idx, seq))  # fmt: skip
             logits = forward_answers(model, part.clean, part.answer_pos, hooks, fast=False)

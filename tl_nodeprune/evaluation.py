@@ -94,12 +94,12 @@ def circuit_logits(
     binary = {
         g: (t > circuit.threshold).float().to(ablation.device) for g, t in circuit.gates.items()
     }
-    axis = circuit.positions
-    if axis is not None:
-        axis.index(task)  # fails here, before any pass, when the task cannot be lined up
+    # Each token's position, once for the task (fails here, before any pass, when the task
+    # cannot be lined up with the circuit's positions); each batch takes its rows.
+    where = None if circuit.positions is None else circuit.positions.index(task)
 
     def hooks(idx: Tensor, seq: int) -> list:
-        at = None if axis is None else axis.index(task, idx, seq)  # each token's position
+        at = None if where is None else where[idx.to(where.device), :seq]
         masks = site_masks(circuit.shape, binary, positions=at)
         return mixing_hooks(masks, ablation.values(idx, seq))
 

@@ -75,16 +75,13 @@ class PositionAxis:
             )
         return cls("named", tuple(task.position_names))
 
-    def index(
-        self, task: PromptTask, rows: Tensor | None = None, seq: int | None = None
-    ) -> Int[Tensor, "batch pos"]:
-        """Per token of `task` (its `rows`, its first `seq` tokens), the index of its position.
+    def index(self, task: PromptTask) -> Int[Tensor, "batch pos"]:
+        """Per token of `task`, the index of its position.
 
         Padding after a prompt's end maps to position 0: causal attention keeps it from ever
         reaching an answer, so its gate does not matter.
         """
-        seq = task.clean.shape[1] if seq is None else seq
-        n = len(task) if rows is None else len(rows)
+        n, seq = task.clean.shape
         if self.kind == "absolute":
             if seq > len(self.names):
                 raise ValueError(
@@ -92,12 +89,8 @@ class PositionAxis:
                     f"have {seq} tokens; evaluate it on prompts of its own length, or find a "
                     "circuit with positions='named'."
                 )
-            positions = torch.arange(seq, device=task.clean.device)
-            return positions.expand(n, seq)
-        index = task.position_index(self.names)
-        if rows is not None:
-            index = index[rows.to(index.device)]
-        return index[:, :seq]
+            return torch.arange(seq, device=task.clean.device).expand(n, seq)
+        return task.position_index(self.names)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "names": list(self.names)}
