@@ -224,6 +224,12 @@ def _discover_options(d: argparse.ArgumentParser) -> None:
         help="train once per seed (same prompts and split) and print the spread; writes "
         "OUT with .seedN before the suffix for each",
     )
+    d.add_argument(
+        "--batched-seeds",
+        action="store_true",
+        help="with --seeds: train every seed at once, one forward per step over all their "
+        "batches (the same circuits, fewer passes; not under torchrun)",
+    )
 
 
 def _evaluate_options(e: argparse.ArgumentParser) -> None:
@@ -312,6 +318,8 @@ def discover_config(argv: list[str]) -> PruneConfig:
 def discover(args: argparse.Namespace) -> dict[str, Any]:
     args.seed = 0 if args.seed is None else args.seed
     args.n_prompts = args.n_prompts or DEFAULT_PROMPTS
+    if args.batched_seeds and not args.seeds:
+        raise SystemExit("--batched-seeds trains several seeds at once; name them: --seeds 0 1 2.")
     config = _config(args)
     torch.manual_seed(args.seed)
     model, task = _model_and_task(args)
@@ -356,7 +364,7 @@ def _discover_seeds(
 ) -> dict[str, Any]:
     """One discovery per seed; print each circuit's size and held-out faithfulness, and the
     nodes every seed kept."""
-    spread = NodePruner(model, config).fit_seeds(train, args.seeds)
+    spread = NodePruner(model, config).fit_seeds(train, args.seeds, batched=args.batched_seeds)
     if not distributed.is_main():  # every rank holds the spread; rank 0 writes it
         return {"spread": spread}
     table = spread.summary()

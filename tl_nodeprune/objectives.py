@@ -26,17 +26,24 @@ def check_objective(objective: Objective) -> None:
         )
 
 
-def kl_divergence(
+def kl_per_prompt(
     full: Float[Tensor, "batch vocab"], circuit: Float[Tensor, "batch vocab"]
-) -> Float[Tensor, ""]:
-    """KL(full || circuit) of the next-token distributions, averaged over the batch.
+) -> Float[Tensor, " batch"]:
+    """KL(full || circuit) of each prompt's next-token distributions.
 
     Computed in float32 whatever the model's dtype: in bfloat16 the log-softmax of a large
     vocabulary loses the small differences the loss is made of.
     """
     p_log = full.float().log_softmax(-1)
     q_log = circuit.float().log_softmax(-1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def kl_divergence(
+    full: Float[Tensor, "batch vocab"], circuit: Float[Tensor, "batch vocab"]
+) -> Float[Tensor, ""]:
+    """KL(full || circuit) of the next-token distributions, averaged over the batch."""
+    return kl_per_prompt(full, circuit).mean()
 
 
 def logit_diff(task: PromptTask, logits: Float[Tensor, "batch vocab"]) -> Float[Tensor, " batch"]:

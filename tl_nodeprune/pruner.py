@@ -24,9 +24,11 @@ from .ablation import (
     site_masks,
     site_names,
 )
+from .batched_seeds import fit_batched_seeds
 from .certificate import Certificate, certify
 from .checkpoint import CheckpointMode, blocks_to_checkpoint, check_checkpoint, checkpointed_blocks
 from .circuit import Circuit
+from .evaluation import OVERSHOOT, circuit_logits
 from .gates import GateSet, HardConcrete
 from .granularities import SPECS, spec
 from .objectives import (
@@ -35,6 +37,7 @@ from .objectives import (
     faithfulness_loss,
     forward_answers,
     kl_divergence,
+    kl_per_prompt,
 )
 from .positions import PositionAxis, PositionKind, check_position_kind
 from .reference_run import ReferenceRun
@@ -57,6 +60,7 @@ from .sites import (
 from .tasks.base import PromptTask
 from .training import (
     BatchPlan,
+    FaithfulnessBudget,
     History,
     KLBudget,
     Sparsity,
@@ -266,9 +270,14 @@ class PruneConfig:
     target_faithfulness: float | None = field(
         default=None,
         metadata=_meta(
-            "If set, train on all but validation_fraction of the prompts and return the "
-            "smallest circuit along the learned gate order whose faithfulness on those "
-            "validation prompts reaches this (tl_nodeprune.selection).",
+            "If set, a faithfulness goal f in [target, 1.1], in two parts. Training (on all "
+            "but validation_fraction of the prompts): every sparsity term is multiplied by a "
+            "scale (from 1, kept >= 0) that dual ascent moves by faithfulness_lr * min(f - "
+            "target, 1.1 - f) after each step, f on the training batch in selection_measure "
+            "(history columns train_faithfulness, faithfulness_budget_scale). Then the circuit "
+            "is the smallest along the learned gate order whose faithfulness on the held-out "
+            "validation prompts is in [target, 1.1] (tl_nodeprune.selection; above 1.1 the "
+            "circuit beats the model, Evaluation.overshoot).",
             _Check("None or in (0, 1]", lambda v: v is None or 0 < v <= 1),
         ),
     )
@@ -324,6 +333,12 @@ class PruneConfig:
     kl_lr: float = field(
         default=KL_LR,
         metadata=_meta("Rate of target_kl's dual ascent on the sparsity scale.", _RATE),
+    )
+    faithfulness_lr: float = field(
+        default=KL_LR,
+        metadata=_meta(
+            "Rate of target_faithfulness's dual ascent on the sparsity scale.", _RATE
+        ),
     )
     gate_noise: Literal["example", "batch"] = field(
         default="batch",
@@ -433,11 +448,19 @@ class NodePruner:
         self.config.check_gated(self.granularities)
         check_sites(model, self.shape, self.granularities)
 
-    def fit_seeds(self, task: PromptTask, seeds: Iterable[int] = (0, 1, 2)) -> SeedSpread:
-        """One fit per seed (this config otherwise): a `SeedSpread` with a consensus view."""
+    def fit_seeds(
+        self, task: PromptTask, seeds: Iterable[int] = (0, 1, 2), batched: bool = False
+    ) -> SeedSpread:
+        """One fit per seed (this config otherwise): a `SeedSpread` with a consensus view.
+
+        `batched`: train every seed at once, one forward of all seeds' batches per step, each
+        seed's gates on its own rows (tl_nodeprune.batched_seeds); the same result per seed.
+        """
         seeds = list(dict.fromkeys(int(s) for s in seeds))
         if not seeds:
             raise ValueError("seeds is empty; pass e.g. seeds=(0, 1, 2).")
+        if batched:
+            return SeedSpread(fit_batched_seeds(self, task, seeds))
         # Under a process group, the seeds are dealt over the ranks (tl_nodeprune.distributed).
         results = distributed.map_seeds(
             lambda seed: NodePruner(self.model, replace(self.config, seed=seed)).fit(task), seeds
@@ -461,15 +484,18 @@ class NodePruner:
         return self._result(run, validation, start)
 
     @contextlib.contextmanager
-    def training(self, task: PromptTask) -> Iterator[PruneRun]:
+    def training(
+        self, task: PromptTask, reference: ReferenceRun | None = None
+    ) -> Iterator[PruneRun]:
         """A run on `task` prepared with the model frozen; `fit` calls its `step` per step.
 
         The model stays frozen (eval mode, no weight gradients) until the context exits.
         bench/memory.py times `step` through this, so it measures the code `fit` runs.
+        `reference`: one already made on `task` (the batched-seeds pass shares one).
         """
         n_gates = sum(math.prod(self.shape.units(g)) for g in self.granularities)
         with frozen(self.model), distributed.guard(n_gates, model_device(self.model)):
-            yield PruneRun(self, task)
+            yield PruneRun(self, task, reference)
 
     def _result(
         self, run: PruneRun, validation: PromptTask | None, start: float
@@ -520,8 +546,9 @@ class NodePruner:
             target = cfg.target_faithfulness
         else:  # a KL budget b: the score is -KL, the target -b
             score, target = kl_scorer(*common, cache_bytes=cfg.cache_bytes), -cfg.target_kl
+        upper = OVERSHOOT if cfg.target_faithfulness is not None else None
         selection = select_smallest(log_alpha, self.shape, score, target, cfg.hard_concrete,
-                                    meta=meta, positions=run.axis)  # fmt: skip
+                                    meta=meta, positions=run.axis, upper=upper)  # fmt: skip
         if cfg.target_faithfulness is None:
             kl = -selection.faithfulness
             selection.circuit.meta["selection"] = {
@@ -547,6 +574,19 @@ class NodePruner:
         )  # fmt: skip
 
 
+@dataclass
+class StepLoss:
+    """One run's loss on one step's batch, and what `PruneRun.update` reads after backward."""
+
+    idx: Tensor
+    batch: PromptTask
+    logits: Tensor
+    full: Tensor
+    loss: Tensor
+    terms: dict[str, Tensor]
+    l0: dict[str, Tensor]
+
+
 class PruneRun:
     """A prepared discovery run: gates, optimizer, ablation, full logits and batch plan.
 
@@ -555,7 +595,9 @@ class PruneRun:
     first drawn for the site names here, then once per step, so a run is reproducible.
     """
 
-    def __init__(self, pruner: NodePruner, task: PromptTask) -> None:
+    def __init__(
+        self, pruner: NodePruner, task: PromptTask, reference: ReferenceRun | None = None
+    ) -> None:
         cfg, model, shape = pruner.config, pruner.model, pruner.shape
         self.cfg, self.model, self.shape = cfg, model, shape
         grans = pruner.granularities
@@ -583,9 +625,13 @@ class PruneRun:
             lagrangian_rho=cfg.lagrangian_rho,
             device=device,
         )
-        self.budget = None
+        self.budget: KLBudget | None = None
         if cfg.target_kl is not None:
             self.budget = KLBudget(cfg.target_kl, cfg.kl_lr, device)
+        elif cfg.target_faithfulness is not None:
+            self.budget = FaithfulnessBudget(
+                cfg.target_faithfulness, cfg.faithfulness_lr, device, upper=OVERSHOOT
+            )
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=cfg.lr)
         self.schedule = None
         if cfg.lr_final is not None:
@@ -600,60 +646,132 @@ class PruneRun:
         check_sites(
             model, shape, grans, lambda hooks: capture(model, task.clean[:1, :1].to(device), hooks)
         )
-        ref = ReferenceRun(
+        ref = reference or ReferenceRun(
             model, task, names, cfg.ablation, self.nograd, cfg.cache_bytes, fast=True
         )
         self.task, self.ablation, self.fast, self.full = ref.task, ref.ablation, ref.fast, ref.full
+        # The empty circuit's metric and KL per training prompt: the batch faithfulness a
+        # faithfulness budget steers by needs them every step.
+        self.empty = None if cfg.target_faithfulness is None else self._empty(grans)
 
     def step(self, step: int) -> None:
         """Sample the gates, run the gated forward and backward, update them, record the step."""
         cfg, model = self.cfg, self.model
-        idx, seq, batch = self.plan.batch(self.task, step)
-        per_example = cfg.gate_noise == "example"
-        if per_example:  # drawn for the global batch; this rank keeps its rows
-            sampled = self.gates.sample(self.gen, batch=self.global_sizes[step])
-            sampled = {g: distributed.shard_rows(t) for g, t in sampled.items()}
-        else:
-            sampled = self.gates.sample(self.gen)
+        idx, seq, batch, sampled = self.draw(step)
         ablated = self.ablation.lazy_values(idx, seq)  # indexed inside each hook
         at = None if self.axis is None else self.axis.index(batch)  # each token's position
-        hooks = mixing_hooks(site_masks(self.shape, sampled, per_example, at), ablated)
+        masks = site_masks(self.shape, sampled, cfg.gate_noise == "example", at)
+        hooks = mixing_hooks(masks, ablated)
         ckpt = blocks_to_checkpoint(cfg.checkpoint, cfg.checkpoint_budget_bytes, self.shape,
                                     *batch.clean.shape, self.full.element_size())  # fmt: skip
         # Backward inside the hooks: checkpointed blocks rerun their gated forward there.
         with model.hooks(fwd_hooks=hooks), checkpointed_blocks(model, ckpt):
             logits = forward_answers(model, batch.clean, batch.answer_pos, fast=self.fast)
-            full = self.full[idx.to(self.full.device)]
-            faith = faithfulness_loss(cfg.objective, logits, full, batch).to(self.device)
-            l0 = self.gates.expected_l0()
-            sparse = self.sparsity.terms(l0, step)
-            if self.budget is not None:
-                sparse = self.budget.apply(sparse)
-            terms = {"faithfulness": faith, **sparse}
-            loss = sum(terms.values())
+            out = self.loss(step, idx, batch, logits)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            out.loss.backward()
             # Over ranks: mean gate gradients (identical gates everywhere), mean faithfulness.
-            loss, faith = distributed.sync_step(self.gates.parameters(), loss, faith, len(idx))
-            terms["faithfulness"] = faith
+            out.loss, faith = distributed.sync_step(
+                self.gates.parameters(), out.loss, out.terms["faithfulness"], len(idx)
+            )
+            out.terms["faithfulness"] = faith
+        self.update(step, out)
+
+    def draw(self, step: int) -> tuple[Tensor, int, PromptTask, dict[str, Tensor]]:
+        """Step `step`'s examples, prompt length and batch, and the gates sampled for it (one
+        draw per example with gate_noise='example'); the batched-seeds pass calls it too."""
+        idx, seq, batch = self.plan.batch(self.task, step)
+        if self.cfg.gate_noise == "example":  # drawn for the global batch; this rank keeps its rows
+            sampled = self.gates.sample(self.gen, batch=self.global_sizes[step])
+            return idx, seq, batch, {g: distributed.shard_rows(t) for g, t in sampled.items()}
+        return idx, seq, batch, self.gates.sample(self.gen)
+
+    def loss(self, step: int, idx: Tensor, batch: PromptTask, logits: Tensor) -> StepLoss:
+        """Faithfulness of `logits` (the gated model's answers on `batch`, examples `idx`) and
+        the sparsity terms; backward takes their sum."""
+        full = self.full[idx.to(self.full.device)]
+        faith = faithfulness_loss(self.cfg.objective, logits, full, batch).to(self.device)
+        l0 = self.gates.expected_l0()
+        sparse = self.sparsity.terms(l0, step)
+        if self.budget is not None:
+            sparse = self.budget.apply(sparse)
+        terms = {"faithfulness": faith, **sparse}
+        return StepLoss(idx, batch, logits, full, sum(terms.values()), terms, l0)
+
+    def update(self, step: int, out: StepLoss) -> None:
+        """After backward: optimizer and schedule step, bounds, multipliers, budget, history."""
+        cfg = self.cfg
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
         if cfg.log_alpha_bounds is not None:
             self.gates.clamp_(*cfg.log_alpha_bounds)
-        self.sparsity.ascend(l0, step)
-        extra = self._columns(l0, step)
+        self.sparsity.ascend(out.l0, step)
+        extra = self._columns(out.l0, step)
         if self.budget is not None:
-            if cfg.objective == "kl":
-                kl = faith.detach()
+            faith = out.terms["faithfulness"]
+            extra.update(self._steer(out.logits, out.full, faith, out.batch, out.idx))
+        self.history.add(step, out.loss, out.terms, extra)
+
+    def _steer(
+        self, logits: Tensor, full: Tensor, faith: Tensor, batch: PromptTask, idx: Tensor
+    ) -> dict[str, Tensor]:
+        """One dual ascent step of the budget on this batch's KL or faithfulness (every rank
+        sees the same all-rank mean); the history columns of the step."""
+        assert self.budget is not None
+        scale = self.budget.scale  # this step's; `ascend` replaces it, never edits it
+        if self.empty is not None:
+            value = self._batch_faithfulness(logits.detach(), full, batch, idx)
+            self.budget.ascend(value)
+            return {"train_faithfulness": value, "faithfulness_budget_scale": scale}
+        if self.cfg.objective == "kl":
+            value = faith.detach()
+        else:
+            with torch.no_grad():
+                value = kl_divergence(full, logits).to(self.device)
+                value = distributed.mean_over_ranks(value, len(idx))
+        self.budget.ascend(value)
+        return {"train_kl": value, "kl_budget_scale": scale}
+
+    def _batch_faithfulness(
+        self, logits: Tensor, full: Tensor, batch: PromptTask, idx: Tensor
+    ) -> Tensor:
+        """f of the sampled circuit on this batch in selection_measure: the batch mean of
+        C - E over the training prompts' mean M - E (a stable denominator; its expectation
+        over batches is f), with C, M, E the task metric, or minus the KL from the full model."""
+        assert self.empty is not None
+        empty, reach = self.empty
+        with torch.no_grad():
+            if self.cfg.selection_measure == "kl":
+                gain = empty[idx.to(empty.device)] - kl_per_prompt(full, logits).to(self.device)
             else:
-                with torch.no_grad():
-                    kl = kl_divergence(full, logits).to(self.device)
-                    kl = distributed.mean_over_ranks(kl, len(idx))
-            scale = self.budget.scale  # this step's; `ascend` replaces it, never edits it
-            self.budget.ascend(kl)
-            extra.update(train_kl=kl, kl_budget_scale=scale)
-        self.history.add(step, loss, terms, extra)
+                gain = batch.score(logits).float().to(self.device) - empty[idx.to(empty.device)]
+            return distributed.mean_over_ranks(gain.mean(), len(idx)) / reach
+
+    def _empty(self, granularities: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """The empty circuit (every gated node closed) on each training prompt, in
+        selection_measure (its metric, or its KL from the full model), and M - E over them.
+
+        One pass without gradient. Refuses a task whose full model does not beat the empty
+        circuit there, where faithfulness has no meaning.
+        """
+        closed = {g: torch.zeros(self.shape.units(g)) for g in granularities}
+        empty = Circuit(self.shape, closed, 0.5)
+        logits = circuit_logits(self.model, empty, self.task, self.ablation, self.nograd)
+        if self.cfg.selection_measure == "kl":
+            per_prompt = kl_per_prompt(self.full.to(logits.device), logits)
+            reach = per_prompt.mean()
+        else:
+            per_prompt = self.task.score(logits).float().to(self.full.device)
+            reach = self.task.score(self.full).float().mean() - per_prompt.mean()
+        if not reach > 1e-6:
+            raise ValueError(
+                f"target_faithfulness: on the training prompts the full model beats the empty "
+                f"circuit by {float(reach):.3g} in selection_measure={self.cfg.selection_measure!r}"
+                ", so faithfulness has no meaning there; use selection_measure='kl', or check the "
+                "task's answers and corrupted prompts."
+            )
+        return per_prompt.to(self.device), reach.to(self.device)
 
     def _columns(self, l0: dict[str, Tensor], step: int) -> dict[str, Tensor | float]:
         """History columns beside the loss: expected L0, kept fraction and weight per level."""

@@ -11,10 +11,15 @@ from .tasks.base import PromptTask
 
 
 def fit_seeds(
-    model: Any, task: PromptTask, seeds: Iterable[int], config: PruneConfig | None = None
+    model: Any,
+    task: PromptTask,
+    seeds: Iterable[int],
+    config: PruneConfig | None = None,
+    batched: bool = False,
 ) -> SeedSpread:
-    """Run discovery once per seed with otherwise identical settings."""
-    return NodePruner(model, config).fit_seeds(task, seeds)
+    """Run discovery once per seed with otherwise identical settings (`batched`: all seeds in
+    one pass, `NodePruner.fit_seeds`)."""
+    return NodePruner(model, config).fit_seeds(task, seeds, batched=batched)
 
 
 __all__ = ["SeedSpread", "fit_seeds"]

@@ -125,14 +125,20 @@ def select_smallest(
     refine_steps: int = 8,
     meta: dict[str, Any] | None = None,
     positions: PositionAxis | None = None,
+    upper: float | None = None,
 ) -> Selection:
-    """Score nested circuits (high threshold = small) and keep the smallest reaching `target`.
+    """Score nested circuits (high threshold = small) and keep the smallest reaching `target`
+    (and, with `upper`, not above it: a band such as f in [0.9, 1.1]).
 
     With more distinct log_alphas than `max_candidates`, the grid is refined by bisection
     between the smallest passing and the next smaller failing threshold. If no threshold
-    reaches the target, the most faithful circuit on the curve is returned (see the curve).
+    passes, the circuit on the curve nearest the band is returned (see the curve).
     """
     rows: dict[float, dict[str, Any]] = {}
+    ceiling = math.inf if upper is None else upper
+
+    def miss(f: float) -> float:  # how far f is outside [target, upper]; 0 inside
+        return max(target - f, f - ceiling, 0.0)
 
     def visit(t: float) -> float:
         if t not in rows:
@@ -144,7 +150,7 @@ def select_smallest(
     thresholds = _candidates(log_alpha, max_candidates)
     for t in thresholds:
         visit(t)
-    passing = [t for t in thresholds if visit(t) >= target]
+    passing = [t for t in thresholds if miss(visit(t)) == 0]
     if passing:
         best = max(passing)
         higher = [t for t in thresholds if t > best]
@@ -152,19 +158,20 @@ def select_smallest(
             lo, hi = best, min(higher)
             for _ in range(refine_steps):
                 mid = (lo + hi) / 2
-                if visit(mid) >= target:
+                if miss(visit(mid)) == 0:
                     lo = mid
                 else:
                     hi = mid
             best = lo
     else:
-        best = max(rows, key=lambda t: (rows[t]["faithfulness"], t))
+        best = min(rows, key=lambda t: (miss(rows[t]["faithfulness"]), -t))
     curve = pd.DataFrame(sorted(rows.values(), key=lambda r: -r["threshold"]))
-    curve["meets_target"] = curve["faithfulness"] >= target
+    curve["meets_target"] = [miss(f) == 0 for f in curve["faithfulness"]]
     circuit = circuit_at(shape, log_alpha, best, hard_concrete, meta, positions)
     found = rows[best]["faithfulness"]
     circuit.meta["selection"] = {"target": target, "log_alpha_threshold": best,
-                                 "validation_faithfulness": found}  # fmt: skip
+                                 "validation_faithfulness": found,
+                                 **({} if upper is None else {"upper": upper})}  # fmt: skip
     return Selection(circuit, best, found, target, curve)
 
 

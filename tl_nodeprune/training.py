@@ -167,24 +167,45 @@ class KLBudget:
     """One non-negative multiplier on every sparsity term, held by dual ascent so that
     KL(full || gated) sits at `target` (the smallest circuit within a faithfulness budget).
 
-    It starts at 1; after each step `ascend` adds `lr * (target - kl)` and clamps at 0, so the
+    It starts at 1; after each step `ascend` adds `lr * gap(value)` and clamps at 0, so the
     pressure to prune grows while the circuit is more faithful than the budget asks and falls
-    when it is less. `kl` is that step's KL on its training batch, not on a validation split:
-    the budget is met on the prompts the gates are trained on. Everything stays on the device.
+    when it is less. For a KL budget the gap is `target - kl`. The value is that step's, on its
+    training batch, not on a validation split: the budget is met on the prompts the gates are
+    trained on. Everything stays on the device.
     """
 
     def __init__(self, target: float, lr: float, device: Any) -> None:
         self.target, self.lr = target, lr
         self.scale = torch.ones((), device=device)
 
+    def gap(self, value: Tensor) -> Tensor:
+        """How far the circuit is on the faithful side of the budget (> 0: prune more)."""
+        return self.target - value
+
     def apply(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """`terms` each times the current multiplier."""
         return {name: self.scale * value for name, value in terms.items()}
 
-    def ascend(self, kl: Tensor) -> None:
+    def ascend(self, value: Tensor) -> None:
         """Dual ascent step on the multiplier: a new device tensor, the old one left as it was
         (a history row may still hold it)."""
-        self.scale = (self.scale + self.lr * (self.target - kl.detach())).clamp(min=0)
+        self.scale = (self.scale + self.lr * self.gap(value.detach())).clamp(min=0)
+
+
+class FaithfulnessBudget(KLBudget):
+    """The same multiplier held so that the batch faithfulness f sits in [target, `upper`].
+
+    The gap is min(f - target, upper - f): positive inside the band (prune more, until f comes
+    down to the target), negative below it and above `upper` (prune less: a circuit that beats
+    the model at the task has left out nodes that work against the answer).
+    """
+
+    def __init__(self, target: float, lr: float, device: Any, upper: float) -> None:
+        super().__init__(target, lr, device)
+        self.upper = upper
+
+    def gap(self, value: Tensor) -> Tensor:
+        return torch.minimum(value - self.target, self.upper - value)
 
 
 class History:
@@ -247,5 +268,13 @@ class History:
 
 
 __all__ = [
-    "BatchPlan", "History", "KLBudget", "Sparsity", "batches", "cosine_schedule", "ramp", "split",
+    "BatchPlan",
+    "FaithfulnessBudget",
+    "History",
+    "KLBudget",
+    "Sparsity",
+    "batches",
+    "cosine_schedule",
+    "ramp",
+    "split",
 ]

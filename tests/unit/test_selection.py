@@ -45,6 +45,27 @@ def test_unreachable_target_returns_the_most_faithful_circuit_and_says_so():
     assert sorted(chosen.circuit.heads) == sorted(ORDER[:2])  # the smallest of the best
 
 
+def _overshooting_score(circuit) -> float:
+    """Heads (0,1) and (1,2) alone beat the model (f 1.3); (1,0) works against the answer's
+    overshoot and brings f to 1.05; (0,3) takes it to 0.98, where the heads below leave it."""
+    return {0: 0.0, 1: 0.6, 2: 1.3, 3: 1.05}.get(len(circuit.heads), 0.98)
+
+
+def test_a_band_skips_circuits_that_beat_the_model_and_the_nearest_wins_when_none_is_in_it():
+    chosen = select_smallest(_log_alpha(), SHAPE, _overshooting_score, 0.9)
+    assert sorted(chosen.circuit.heads) == sorted(ORDER[:2])  # no ceiling: the overshoot
+    chosen = select_smallest(_log_alpha(), SHAPE, _overshooting_score, 0.9, upper=1.1)
+    assert sorted(chosen.circuit.heads) == sorted(ORDER[:3])
+    assert chosen.faithfulness == pytest.approx(1.05)
+    assert chosen.circuit.meta["selection"]["upper"] == 1.1
+    curve = chosen.curve.groupby("kept_head").meets_target.all()
+    assert not curve[2] and curve[3] and curve[4]
+    # no circuit within [0.99, 1.01]: the one nearest the band (0.98, 0.01 below it)
+    chosen = select_smallest(_log_alpha(), SHAPE, _overshooting_score, 0.99, upper=1.01)
+    assert not chosen.curve.meets_target.any()
+    assert sorted(chosen.circuit.heads) == sorted(ORDER)
+
+
 def test_threshold_zero_is_the_default_circuit():
     la = _log_alpha()["head"]
     circuit = circuit_at(SHAPE, {"head": la}, 0.0)

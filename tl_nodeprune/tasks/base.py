@@ -287,13 +287,18 @@ class PromptTask:
 
     def split(self, train_fraction: float = 0.5, seed: int = 0) -> tuple[PromptTask, PromptTask]:
         """A seeded random (train, held-out) split, so faithfulness is read on unseen prompts."""
+        train, held_out = self.split_indices(train_fraction, seed)
+        return self.subset(train), self.subset(held_out)
+
+    def split_indices(self, train_fraction: float = 0.5, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """The rows of `split`'s (train, held-out) parts, each sorted."""
         if not 0 < train_fraction < 1:
             raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
         n_train = round(len(self) * train_fraction)
         if not 0 < n_train < len(self):
             raise ValueError(f"Cannot split {len(self)} prompts at {train_fraction}: need more.")
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self.subset(perm[:n_train].sort().values), self.subset(perm[n_train:].sort().values)
+        return perm[:n_train].sort().values, perm[n_train:].sort().values
 
     def check_vocab(self, d_vocab: int, vocab_out: int | None = None) -> None:
         """Raise a ValueError when a prompt token is outside the input vocabulary (`d_vocab`)
