@@ -64,11 +64,14 @@ def fit_batched_seeds(
         warn_repeated_prompts(len(train), cfg.steps, cfg.batch_size)
     shared = _shared_reference(pruner, task, list(parts.values()))
     with contextlib.ExitStack() as stack:
-        runs = {s: stack.enter_context(p.training(parts[s][0], _seed_reference(shared, parts[s])))
+        runs = {s: stack.enter_context(p.training(parts[s][0], _seed_reference(shared, parts[s]),
+                                                  parts[s][1]))
                 for s, p in pruners.items()}  # fmt: skip
         _check_axes(list(runs.values()))
         for step in trange(cfg.steps, desc=f"pruning {len(seeds)} seeds", disable=not cfg.progress):
             batched_step(list(runs.values()), step)
+            for run in runs.values():
+                run.validate(step)
         for run in runs.values():
             run.history.read()
     return {s: pruners[s]._result(runs[s], parts[s][1], start) for s in seeds}
@@ -112,7 +115,7 @@ def batched_step(runs: Sequence[PruneRun], step: int) -> None:
 
 def _part(task: PromptTask, cfg: PruneConfig) -> _Part:
     """One seed's training and validation prompts, split as its own fit splits them."""
-    if not (cfg.selects or cfg.certify):
+    if not cfg.holds_out:
         return task, None, None
     train, held_out = task.split_indices(1 - cfg.validation_fraction, seed=cfg.seed)
     return task.subset(train), task.subset(held_out), train

@@ -57,6 +57,7 @@ from .sites import (
     frozen,
     model_device,
 )
+from .stopping import BestOnValidation
 from .tasks.base import PromptTask
 from .training import (
     BatchPlan,
@@ -369,6 +370,17 @@ class PruneConfig:
             lambda _, v: check_position_kind(v),
         ),
     )
+    validate_every: int | None = field(
+        default=None,
+        metadata=_meta(
+            "If set, hold out validation_fraction of the prompts and, every this many steps "
+            "and after the last, score the circuit there: KL(full || circuit) plus the price "
+            "of its kept nodes (each granularity's penalty times its kept fraction). The run "
+            "returns the gates of the best check (stopping by validation loss, "
+            "tl_nodeprune.stopping; the checks are in circuit.meta['early_stopping']).",
+            _Check("None or a positive int", lambda v: v is None or (isinstance(v, int) and v > 0)),
+        ),
+    )
     certify_candidates: int = field(
         default=64,
         metadata=_meta(
@@ -395,6 +407,12 @@ class PruneConfig:
                 "PruneConfig.target_kl and target_faithfulness each choose the circuit on the "
                 "validation prompts; set one of them."
             )
+
+    @property
+    def holds_out(self) -> bool:
+        """Whether fit holds out validation_fraction of the prompts (to select, certify or stop
+        on)."""
+        return self.selects or self.certify or self.validate_every is not None
 
     @property
     def selects(self) -> bool:
@@ -473,19 +491,23 @@ class NodePruner:
         task.check_vocab(self.shape.d_vocab, self.shape.vocab_out)
         start = time.perf_counter()
         validation = None
-        if cfg.selects or cfg.certify:
+        if cfg.holds_out:
             task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
         warn_repeated_prompts(len(task), cfg.steps, cfg.batch_size)
-        with self.training(task) as run:
+        with self.training(task, validation=validation) as run:
             quiet = not cfg.progress or not distributed.is_main()
             for step in trange(cfg.steps, desc="pruning", disable=quiet):
                 run.step(step)
+                run.validate(step)
             run.history.read()
         return self._result(run, validation, start)
 
     @contextlib.contextmanager
     def training(
-        self, task: PromptTask, reference: ReferenceRun | None = None
+        self,
+        task: PromptTask,
+        reference: ReferenceRun | None = None,
+        validation: PromptTask | None = None,
     ) -> Iterator[PruneRun]:
         """A run on `task` prepared with the model frozen; `fit` calls its `step` per step.
 
@@ -495,13 +517,18 @@ class NodePruner:
         """
         n_gates = sum(math.prod(self.shape.units(g)) for g in self.granularities)
         with frozen(self.model), distributed.guard(n_gates, model_device(self.model)):
-            yield PruneRun(self, task, reference)
+            yield PruneRun(self, task, reference, validation)
 
     def _result(
         self, run: PruneRun, validation: PromptTask | None, start: float
     ) -> PruneResult:
-        """The trained run's circuit: thresholded gates, or the selection on `validation`."""
+        """The trained run's circuit: thresholded gates (those of the best validation check
+        under validate_every), or the selection on `validation`."""
         cfg = self.config
+        stopped = {}
+        if run.watch is not None:
+            run.watch.restore(run.gates)
+            stopped = {"early_stopping": run.watch.meta()}
         circuit = Circuit(
             self.shape,
             run.gates.deterministic(),
@@ -513,6 +540,7 @@ class NodePruner:
                 "ablation": cfg.ablation,
                 "granularities": list(self.granularities),
                 **distributed.meta(),  # {"ranks": N} when data parallel over N ranks
+                **stopped,
             },
             positions=run.axis,
         )
@@ -596,7 +624,11 @@ class PruneRun:
     """
 
     def __init__(
-        self, pruner: NodePruner, task: PromptTask, reference: ReferenceRun | None = None
+        self,
+        pruner: NodePruner,
+        task: PromptTask,
+        reference: ReferenceRun | None = None,
+        validation: PromptTask | None = None,
     ) -> None:
         cfg, model, shape = pruner.config, pruner.model, pruner.shape
         self.cfg, self.model, self.shape = cfg, model, shape
@@ -625,13 +657,12 @@ class PruneRun:
             lagrangian_rho=cfg.lagrangian_rho,
             device=device,
         )
-        self.budget: KLBudget | None = None
+        self.budget: KLBudget | None = None  # target_kl's, or target_faithfulness's
         if cfg.target_kl is not None:
             self.budget = KLBudget(cfg.target_kl, cfg.kl_lr, device)
         elif cfg.target_faithfulness is not None:
-            self.budget = FaithfulnessBudget(
-                cfg.target_faithfulness, cfg.faithfulness_lr, device, upper=OVERSHOOT
-            )
+            self.budget = FaithfulnessBudget(cfg.target_faithfulness, cfg.faithfulness_lr, device,
+                                             upper=OVERSHOOT)  # fmt: skip
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=cfg.lr)
         self.schedule = None
         if cfg.lr_final is not None:
@@ -642,17 +673,45 @@ class PruneRun:
             "a custom objective returns finite values.",
         )
         self.gates.sample(self.gen)  # an unused first draw: every seed's stream stays as it was
-        names = site_names(shape, grans)
-        check_sites(
-            model, shape, grans, lambda hooks: capture(model, task.clean[:1, :1].to(device), hooks)
-        )
-        ref = reference or ReferenceRun(
-            model, task, names, cfg.ablation, self.nograd, cfg.cache_bytes, fast=True
-        )
+        ref = self._reference(task, grans, reference)
         self.task, self.ablation, self.fast, self.full = ref.task, ref.ablation, ref.fast, ref.full
         # The empty circuit's metric and KL per training prompt: the batch faithfulness a
         # faithfulness budget steers by needs them every step.
         self.empty = None if cfg.target_faithfulness is None else self._empty(grans)
+        # Stopping by validation loss: the best check's gates are kept.
+        self.watch = None if validation is None else self._watch(validation, grans)
+
+    def _reference(
+        self, task: PromptTask, grans: tuple[str, ...], reference: ReferenceRun | None
+    ) -> ReferenceRun:
+        """`reference`, or the ablated values and full logits made here on `task` (after the
+        model's hooks are checked on its first token)."""
+        model, shape, device = self.model, self.shape, self.device
+        check_sites(
+            model, shape, grans, lambda hooks: capture(model, task.clean[:1, :1].to(device), hooks)
+        )
+        return reference or ReferenceRun(
+            model, task, site_names(shape, grans), self.cfg.ablation, self.nograd,
+            self.cfg.cache_bytes, fast=True,
+        )  # fmt: skip
+
+    def _watch(self, validation: PromptTask, grans: tuple[str, ...]) -> BestOnValidation | None:
+        """Validation checks under validate_every, at the prices training uses."""
+        cfg = self.cfg
+        if cfg.validate_every is None:
+            return None
+        prices = {g: cfg.penalty_for(g, self.shape) for g in grans}
+        return BestOnValidation.on(
+            self.model, validation, grans, cfg.ablation, self.nograd, prices, cfg.threshold,
+            self.axis, cfg.cache_bytes,
+        )  # fmt: skip
+
+    def validate(self, step: int) -> None:
+        """After step `step`: score the circuit on the validation prompts every validate_every
+        steps and after the last (nothing without validate_every)."""
+        every, last = self.cfg.validate_every, step + 1 == self.cfg.steps
+        if self.watch is not None and every and ((step + 1) % every == 0 or last):
+            self.watch.check(self.gates, step)
 
     def step(self, step: int) -> None:
         """Sample the gates, run the gated forward and backward, update them, record the step."""

@@ -51,6 +51,9 @@ def _check_equal_to_separate_fits(model, task: PromptTask, config: tnp.PruneConf
         assert got.config.seed == s
         assert _gap(got, alone[s]) < 1e-4, s
         assert got.circuit.nodes == alone[s].circuit.nodes
+        stopped = [r.circuit.meta.get("early_stopping", {}).get("best_step")
+                   for r in (got, alone[s])]  # fmt: skip
+        assert stopped[0] == stopped[1]
         assert list(got.history.columns) == list(alone[s].history.columns)
         assert torch.allclose(torch.tensor(got.history.values, dtype=torch.float64),
                               torch.tensor(alone[s].history.values, dtype=torch.float64),
@@ -69,12 +72,13 @@ CASES = {
     "logit_diff": {"objective": "logit_diff", "target_kl": 0.3},
     "certify": {"certify": True},
     "target_faithfulness": {"target_faithfulness": 0.8, "selection_measure": "kl"},
+    "validate_every": {"validate_every": 5, "lr": 0.6},
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_seed_follows_its_own_fit(problem, case):
-    config = tnp.PruneConfig(progress=False, steps=STEPS, lr=0.3, **CASES[case])
+    config = tnp.PruneConfig(progress=False, steps=STEPS, **{"lr": 0.3, **CASES[case]})
     _check_equal_to_separate_fits(problem.model, problem.task, config)
 
 
