@@ -9,7 +9,7 @@ from ..circuit import Circuit
 from .acdc import acdc, estimate_forward_passes
 from .activation_patching import activation_patching, node_effects
 from .eap import eap, eap_ig, eap_scores
-from .edge_eval import evaluate_edges
+from .edge_eval import EdgeEvaluator, evaluate_edges
 from .edge_pruning import EdgePruneConfig, edge_pruning
 from .graph import EdgeGraph, edge_forward
 
@@ -23,6 +23,7 @@ BASELINES: dict[str, Callable[..., Circuit]] = {
 
 __all__ = [
     "BASELINES",
+    "EdgeEvaluator",
     "EdgeGraph",
     "EdgePruneConfig",
     "acdc",

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..ablation import Ablation
+from ..ablation import DEFAULT_CACHE_BYTES, Ablation
 from ..circuit import Circuit
 from ..evaluation import Evaluation
 from ..reference_run import ReferenceRun
@@ -65,22 +65,67 @@ def masked_logits(
     return torch.cat(out)
 
 
+class EdgeEvaluator:
+    """Scores many edge circuits on one task from one cache (every edge outside one ablated).
+
+    The corrupted activations, the projection weights, the full model's logits and the empty
+    circuit's (every edge ablated) are the same for every circuit, so they are made once; a
+    faithfulness curve then costs one masked forward per point instead of a new reference run.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        task: PromptTask,
+        batch_size: int = 32,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.model, self.batch_size = model, batch_size
+        self.graph = EdgeGraph.from_model(model)
+        self.reference = ReferenceRun(model, task, capture_names(self.graph),
+                                      batch_size=batch_size, cache_bytes=cache_bytes)  # fmt: skip
+        self.task, self.full = self.reference.task, self.reference.full
+        with frozen(model):
+            self.weights = ProjectionWeights(model, self.graph.shape)
+        self.empty = self.logits(torch.zeros(self.graph.n_edges))
+
+    def mask(self, edges: Circuit | Tensor) -> Float[Tensor, " edges"]:
+        """The flat edge mask of an edge circuit (its `edges`), or `edges` itself if a mask."""
+        if isinstance(edges, Circuit):
+            if edges.edges is None:
+                raise ValueError("This circuit has no edges; use tnp.evaluate for node circuits.")
+            edges.check_model(self.model)
+            return edge_mask_of(self.graph, edges.edges)
+        if edges.shape != (self.graph.n_edges,):
+            raise ValueError(
+                f"An edge mask needs shape ({self.graph.n_edges},) (EdgeGraph.edge_names "
+                f"order), got {tuple(edges.shape)}."
+            )
+        return edges
+
+    def logits(self, mask: Float[Tensor, " edges"]) -> Float[Tensor, "batch vocab"]:
+        """Answer logits with every edge weighted by `mask` (0: ablated), without gradient."""
+        with frozen(self.model):
+            return masked_logits(self.model, self.graph, self.task, mask, self.reference.ablation,
+                                 self.weights, self.batch_size)  # fmt: skip
+
+    def __call__(self, edges: Circuit | Tensor) -> Evaluation:
+        """Evaluate one edge circuit (or 0/1 edge mask) against the cached full and empty model."""
+        kept = self.logits(self.mask(edges))
+        return Evaluation.from_logits(self.task, self.full, kept, self.empty, "corrupted (edges)")
+
+
 def evaluate_edges(
     model: Any, circuit: Circuit, task: PromptTask, batch_size: int = 32
 ) -> Evaluation:
-    """Like `tnp.evaluate`, but ablating edges outside `circuit.edges` instead of nodes."""
+    """Like `tnp.evaluate`, but ablating edges outside `circuit.edges` instead of nodes.
+
+    One circuit: to score many on one task, build one `EdgeEvaluator` and call it per circuit.
+    """
     if circuit.edges is None:
         raise ValueError("This circuit has no edges; use tnp.evaluate for node circuits.")
     circuit.check_model(model)
-    graph = EdgeGraph.from_model(model)
-    ref = ReferenceRun(model, task, capture_names(graph), batch_size=batch_size)
-    with frozen(model):
-        weights = ProjectionWeights(model, graph.shape)
-        kept, empty = (
-            masked_logits(model, graph, ref.task, mask, ref.ablation, weights, batch_size)
-            for mask in (edge_mask_of(graph, circuit.edges), torch.zeros(graph.n_edges))
-        )
-    return Evaluation.from_logits(ref.task, ref.full, kept, empty, "corrupted (edges)")
+    return EdgeEvaluator(model, task, batch_size)(circuit)
 
 
-__all__ = ["edge_logits", "edge_mask_of", "evaluate_edges", "masked_logits"]
+__all__ = ["EdgeEvaluator", "edge_logits", "edge_mask_of", "evaluate_edges", "masked_logits"]
