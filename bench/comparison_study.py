@@ -14,6 +14,9 @@ level (heads and MLP blocks) and at neuron level (`curves.compare_methods`). Per
 seed: CPR, CMD, the heads, MLP blocks and neurons of the smallest measured circuit with f >=
 `--target-f` and its KL, the sizes for KL <= 0.3 and 0.1, f and KL at node pruning's size,
 seconds to score and peak memory (RSS high-water mark; on a GPU `max_memory_allocated`).
+Each edge method (EAP, EAP-IG, edge pruning) also gets rows "<method> (edges ablated)"
+(`--no-edges-ablated`: none): its top edges kept and every other edge ablated
+(`edge_curves.compare_edge_methods`), sizes counted in the nodes those edges touch.
 Irrelevant neurons (`tl_nodeprune.irrelevant`): for each method's heads-and-blocks circuit at
 its f >= target size, and edge pruning's own circuit, the neurons node pruning needs inside
 their MLP blocks for the same faithfulness. Writes comparison_<task>.md (tables, with this
@@ -44,10 +47,18 @@ from bench.common import GENERATED, reset_peak_rss, status_bytes
 from bench.comparison_output import write_outputs
 from tl_nodeprune import tasks
 from tl_nodeprune.baselines import edge_pruning
+from tl_nodeprune.baselines.edge_eval import EdgeEvaluator
 from tl_nodeprune.baselines.edge_pruning import EdgePruneConfig
 from tl_nodeprune.circuit import Circuit
 from tl_nodeprune.cli import DEFAULT_PROMPTS, DEFAULT_TRAIN_FRACTION
 from tl_nodeprune.curves import LEVELS, compare_methods, curve_evaluator, keep_top
+from tl_nodeprune.edge_curves import (
+    EDGE_METHODS,
+    EDGES_ABLATED,
+    compare_edge_methods,
+    first_meeting,
+    method_edge_scores,
+)
 from tl_nodeprune.formats import read_mib, write_mib
 from tl_nodeprune.irrelevant import irrelevant_neurons
 from tl_nodeprune.metrics import MIB_FRACTIONS
@@ -80,6 +91,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="edge pruning's target edge sparsity")  # fmt: skip
     p.add_argument("--ig-steps", type=int, default=5, help="EAP-IG's interpolation steps")
     p.add_argument("--fractions", type=float, nargs="+", default=list(MIB_FRACTIONS))
+    p.add_argument("--edges-ablated", action=argparse.BooleanOptionalAction, default=True,
+                   help="also give each edge method (eap, eap_ig, edge_pruning) rows with its "
+                   "top edges kept and every other edge ablated, beside its node-projected "
+                   "rows")  # fmt: skip
     p.add_argument("--target-f", type=float, default=0.9)
     p.add_argument("--mib", nargs="*", default=[], metavar="NAME=PATH",
                    help="circuits from MIB / EAP-IG graph files, scored on this model as further "
@@ -155,6 +170,7 @@ class Scored:
     costs: dict[str, dict[str, float]] = field(default_factory=dict)
     edge_circuit: Circuit | None = None
     node_circuit: Circuit | None = None
+    edge_scores: dict[str, pd.Series] = field(default_factory=dict)  # edge methods, per edge
 
 
 def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -> Scored:
@@ -186,7 +202,29 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
         scores.attrs["seconds"] = math.nan  # made elsewhere
         out.scores[f"mib:{name}"] = scores
         out.costs[f"mib:{name}"] = {"seconds": math.nan, "peak_mib": math.nan}
+    if args.edges_ablated:
+        score_edges(model, train, args, out)
     return out
+
+
+def score_edges(model: Any, train: Any, args: argparse.Namespace, out: Scored) -> None:
+    """Each edge method's scores per edge into `out.edge_scores` (`method_edge_scores`).
+
+    Edge pruning's are its trained circuit's log_alpha (no new run; its cost is the training
+    run's). EAP and EAP-IG score edges in a pass of their own: their node scores come from
+    attributions at the nodes, which no edge score replaces for neurons.
+    """
+    for method in (m for m in args.methods if m in EDGE_METHODS):
+        name = method + EDGES_ABLATED
+        if method == "edge_pruning":
+            scores = method_edge_scores(model, train, method, result=out.edge_circuit)
+            out.costs[name] = dict(out.costs[method])
+        else:
+            out.costs[name] = cost = {}
+            with peak_memory(model, cost):
+                scores = method_edge_scores(model, train, method, ig_steps=args.ig_steps)
+        scores.attrs["seconds"] = out.costs[name]["seconds"]
+        out.edge_scores[method] = scores
 
 
 def seed_rows(
@@ -196,6 +234,7 @@ def seed_rows(
     MLP blocks and neurons of each method's f >= target circuit; and the curves by level."""
     nodes = NodeList.from_model(model)
     rows, curves = [], {}
+    edges: dict[str, Any] = {}  # one edge evaluator and one measured curve per method
     for level in LEVELS:
         table = compare_methods(model, held_out, list(scored.scores), args.fractions, level,
                                 target_f=args.target_f, scores=scored.scores)  # fmt: skip
@@ -210,9 +249,45 @@ def seed_rows(
                 counts = {"heads_f": kept.n_kept("head"), "mlp_f": kept.n_kept("mlp"),
                           "neurons_f": kept.n_kept("neuron")}  # fmt: skip
             rows.append({"level": level, "method": method, **row.to_dict(), **counts,
-                         "at_size": table.attrs["at_size"],
+                         "ablated": "nodes", "at_size": table.attrs["at_size"],
                          "peak_mib": scored.costs[method]["peak_mib"]})  # fmt: skip
+        more, edge_curves = edge_rows(model, held_out, scored, args, level,
+                                      table.attrs["at_size"], edges)  # fmt: skip
+        rows += more
+        curves[level] = pd.concat([curves[level], *edge_curves], ignore_index=True)
     return rows, curves
+
+
+def edge_rows(
+    model: Any,
+    held_out: Any,
+    scored: Scored,
+    args: argparse.Namespace,
+    level: str,
+    at_size: int | None,
+    cache: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
+    """The edge methods' rows at `level` with every edge outside their top edges ablated
+    (`compare_edge_methods`), and their curves; `cache` keeps the evaluator and the measured
+    curves across levels (a level only re-counts nodes)."""
+    if not scored.edge_scores:
+        return [], []
+    cache.setdefault("evaluator", EdgeEvaluator(model, held_out))
+    table = compare_edge_methods(model, held_out, scored.edge_scores, args.fractions, level,
+                                 at_size, args.target_f, evaluator=cache["evaluator"],
+                                 curves=cache.get("curves"))  # fmt: skip
+    cache["curves"] = table.attrs["curves"]
+    rows = []
+    for name, row in table.iterrows():
+        frame = cache["curves"][str(name).removesuffix(EDGES_ABLATED)]
+        n_f = None if row["n_f"] is None or pd.isna(row["n_f"]) else int(row["n_f"])
+        hit = first_meeting(frame, n_f, args.target_f)
+        counts = {k: hit.get(c, math.nan) for k, c in
+                  (("heads_f", "heads"), ("mlp_f", "mlp"), ("neurons_f", "neurons"))}  # fmt: skip
+        rows.append({"level": level, "method": name, **row.to_dict(), **counts,
+                     "ablated": "edges", "at_size": at_size,
+                     "peak_mib": scored.costs[str(name)]["peak_mib"]})  # fmt: skip
+    return rows, [c.assign(method=m + EDGES_ABLATED) for m, c in cache["curves"].items()]
 
 
 def coarse_circuits(
