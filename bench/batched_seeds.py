@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from bench.common import GENERATED, GIB, pipe_table, reset_peak_rss, run_fresh, status_bytes
+from bench.common import GENERATED, GIB, pipe_table, reset_peak_rss, run_points, status_bytes
 
 MODES = ("separate", "batched")
 
@@ -72,17 +71,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_point(**json.loads(args.point), **common)))
         return
-    rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    for point in args.points:
-        batch, seq = (int(x) for x in point.split("x"))
-        for mode in MODES:
-            spec = json.dumps({"mode": mode, "batch": batch, "seq": seq})
-            cmd = [sys.executable, __file__, "--point", spec, "--threads", str(args.threads),
-                   "--seeds", str(args.seeds), "--steps", str(args.steps),
-                   "--prompts", str(args.prompts)]  # fmt: skip
-            rows.append(run_fresh(cmd, env))
-            print(rows[-1], flush=True)
+    extra = ["--seeds", str(args.seeds), "--steps", str(args.steps), "--prompts", str(args.prompts)]
+    rows = run_points(__file__, args.points, MODES, args.threads, extra)
     write(rows, Path(args.out), args.threads)
 
 

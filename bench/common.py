@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,23 @@ def run_fresh(cmd: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
     """
     done = subprocess.run(list(cmd), capture_output=True, text=True, env=dict(env), check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_points(
+    script: str, points: Sequence[str], modes: Sequence[str], threads: int, extra: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Every (batch x seq, mode) point of a bench script, each in a fresh process (so its peak
+    memory is its own): `script --point {"mode", "batch", "seq"} --threads T *extra`."""
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for point in points:
+        batch, seq = (int(x) for x in point.split("x"))
+        for mode in modes:
+            spec = json.dumps({"mode": mode, "batch": batch, "seq": seq})
+            cmd = [sys.executable, script, "--point", spec, "--threads", str(threads), *extra]
+            rows.append(run_fresh(cmd, env))
+            print(rows[-1], flush=True)
+    return rows
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

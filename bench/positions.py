@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench.common import GENERATED, GIB, pipe_table, reset_peak_rss, run_fresh, status_bytes
+from bench.common import GENERATED, GIB, pipe_table, reset_peak_rss, run_points, status_bytes
 
 MODES = ("blind", "named", "absolute")
 LABELS = ("S1", "IO", "S2", "END", "other")
@@ -79,16 +78,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_point(**json.loads(args.point), steps=args.steps)))
         return
-    rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    for point in args.points:
-        batch, seq = (int(x) for x in point.split("x"))
-        for mode in MODES:
-            spec = json.dumps({"mode": mode, "batch": batch, "seq": seq})
-            cmd = [sys.executable, __file__, "--point", spec, "--threads", str(args.threads),
-                   "--steps", str(args.steps)]  # fmt: skip
-            rows.append(run_fresh(cmd, env))
-            print(rows[-1], flush=True)
+    rows = run_points(__file__, args.points, MODES, args.threads, ["--steps", str(args.steps)])
     write(rows, Path(args.out))
 
 
