@@ -117,7 +117,8 @@ def _part(task: PromptTask, cfg: PruneConfig) -> _Part:
     """One seed's training and validation prompts, split as its own fit splits them."""
     if not cfg.holds_out:
         return task, None, None
-    train, held_out = task.split_indices(1 - cfg.validation_fraction, seed=cfg.seed)
+    train, held_out = task.split_indices(1 - cfg.validation_fraction, cfg.seed,
+                                         by=cfg.validation_split)  # fmt: skip
     return task.subset(train), task.subset(held_out), train
 
 

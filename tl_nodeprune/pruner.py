@@ -58,7 +58,7 @@ from .sites import (
     model_device,
 )
 from .stopping import BestOnValidation
-from .tasks.base import PromptTask
+from .tasks.base import PromptTask, SplitBy
 from .training import (
     BatchPlan,
     FaithfulnessBudget,
@@ -290,6 +290,15 @@ class PruneConfig:
             _OPEN_UNIT,
         ),
     )
+    validation_split: SplitBy = field(
+        default="prompts",
+        metadata=_meta(
+            "How the validation prompts are held out: 'prompts' (a random share) or 'groups' "
+            "(whole groups of the task, IOI's templates, so that selection, certify and "
+            "validation checks judge the circuit on templates its training never saw).",
+            _Check("'prompts' or 'groups'", lambda v: v in ("prompts", "groups")),
+        ),
+    )
     selection_measure: Measure = field(
         default="metric",
         metadata=_meta(
@@ -492,7 +501,8 @@ class NodePruner:
         start = time.perf_counter()
         validation = None
         if cfg.holds_out:
-            task, validation = task.split(1 - cfg.validation_fraction, seed=cfg.seed)
+            task, validation = task.split(1 - cfg.validation_fraction, cfg.seed,
+                                          by=cfg.validation_split)  # fmt: skip
         warn_repeated_prompts(len(task), cfg.steps, cfg.batch_size)
         with self.training(task, validation=validation) as run:
             quiet = not cfg.progress or not distributed.is_main()

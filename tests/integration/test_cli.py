@@ -153,6 +153,7 @@ SETTINGS = {
     "kl_lr": (["--kl-lr", "7.5"], 7.5),
     "faithfulness_lr": (["--faithfulness-lr", "4.5"], 4.5),
     "validate_every": (["--validate-every", "5"], 5),
+    "validation_split": (["--validation-split", "groups"], "groups"),
     "gate_noise": (["--gate-noise", "example"], "example"),
     "certify": (["--certify"], True),
     "certify_candidates": (["--certify-candidates", "12"], 12),

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -94,6 +96,35 @@ def test_split_is_seeded_and_disjoint():
     assert torch.equal(a_train.correct, b_train.correct)
     assert not torch.equal(a_train.correct, c_train.correct)
     assert not set(a_train.correct.flatten().tolist()) & set(a_test.correct.flatten().tolist())
+
+
+def test_a_split_by_groups_holds_out_whole_groups_and_no_more_than_it_needs():
+    groups = tuple("aabbbccceeee")  # groups of 2, 3, 3 and 4 prompts
+    task = replace(_task(n=12), groups=groups)
+    splits = set()
+    for seed in range(8):
+        train, held = task.split_indices(0.75, seed=seed, by="groups")
+        assert sorted([*train.tolist(), *held.tolist()]) == list(range(12))
+        train_groups, held_groups = {groups[i] for i in train}, {groups[i] for i in held}
+        assert train_groups and not train_groups & held_groups
+        assert len(held) >= 3  # a quarter of the prompts
+        # no group more than needed: dropping the largest held-out group leaves under a quarter
+        largest = max(sum(g == h for g in groups) for h in held_groups)
+        assert len(held) - largest < 3
+        splits.add(tuple(held.tolist()))
+    assert len(splits) > 1, "the seed chooses the groups"
+    a, b = task.split(0.75, seed=5, by="groups"), task.split(0.75, seed=5, by="groups")
+    assert a[1].groups == b[1].groups and set(a[0].groups).isdisjoint(a[1].groups)
+    assert task.take(torch.tensor([4, 0]), 5, rows=[4, 0]).groups == ("b", "a")
+
+
+def test_a_split_by_groups_needs_two_groups_and_says_how_to_get_them():
+    with pytest.raises(ValueError, match="has no groups to hold out.*tasks.ioi"):
+        _task(n=8).split(0.75, by="groups")
+    with pytest.raises(ValueError, match="has one group, 'a'; split by='prompts'"):
+        replace(_task(n=4), groups=("a",) * 4).split(0.5, by="groups")
+    with pytest.raises(ValueError, match="groups has 3 entries; give one per prompt"):
+        replace(_task(n=4), groups=("a", "b", "c"))
 
 
 def test_scores_by_hand():

@@ -237,6 +237,7 @@ def test_ioi_orders_are_balanced_over_every_template(case: Case) -> None:
     counts: dict[tuple[int, str], int] = {}
     for i, prompt in enumerate(task.prompts):
         [(k, m)] = [(k, m) for k, p in enumerate(patterns) if (m := p.match(prompt))]
+        assert task.groups[i] == TEMPLATES[k]  # each prompt's group is its template
         io = _text(case.model, task.correct[i]).strip()
         order = "ABBA" if m["A"] == io else "BABA"
         assert m[{"ABBA": "B", "BABA": "A"}[order]] == m["S"]

@@ -39,6 +39,9 @@ def _as_2d(ids: Any, name: str) -> Tensor:
     return t
 
 
+SplitBy = Literal["prompts", "groups"]
+
+
 @dataclass(frozen=True, eq=False)
 class PromptTask:
     """Clean and corrupted prompts (right-padded), answer ids and where each answer is read.
@@ -63,6 +66,9 @@ class PromptTask:
     prompts: tuple[str, ...] | None = field(default=None, compare=False)
     position_labels: Int[Tensor, "batch pos"] | None = field(default=None, compare=False)
     position_names: tuple[str, ...] | None = field(default=None, compare=False)
+    # Per prompt, the group it was made from (IOI: its template), so that a split can hold out
+    # whole groups: `split(..., by="groups")`.
+    groups: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("clean", "corrupted", "correct", "incorrect", "answer_pos"):
@@ -105,6 +111,8 @@ class PromptTask:
                 "answer; the sets must not overlap."
             )
         check_labels(self.position_labels, self.position_names, self.clean)
+        if self.groups is not None and len(self.groups) != n:
+            raise ValueError(f"groups has {len(self.groups)} entries; give one per prompt ({n}).")
 
     @classmethod
     def from_tokens(
@@ -158,6 +166,7 @@ class PromptTask:
         name: str = "custom",
         positions: Sequence[Sequence[str]] | None = None,
         position_names: Sequence[str] | None = None,
+        groups: Sequence[str] | None = None,
     ) -> PromptTask:
         """Tokenize prompt pairs with the model's tokenizer; answers must be single tokens.
 
@@ -167,7 +176,9 @@ class PromptTask:
         label per token as the model tokenizes it (BOS included when the model prepends one;
         `tasks.labels.label_tokens` builds them from character spans), so prompts of different
         lengths line up by label. `position_names` fixes the labels' order (names never used
-        are fine); without it they are indexed in order of first appearance.
+        are fine); without it they are indexed in order of first appearance. `groups`
+        (optional): per pair, the group it comes from (e.g. its template), for
+        `split(..., by="groups")`.
         """
         lists = {"clean": clean, "corrupted": corrupted, "correct": correct, "incorrect": incorrect}
         sizes = {k: len(v) for k, v in lists.items()}
@@ -198,6 +209,7 @@ class PromptTask:
             prompts=tuple(clean),
             position_labels=labels,
             position_names=names,
+            groups=None if groups is None else tuple(groups),
         )
 
     @classmethod
@@ -226,6 +238,7 @@ class PromptTask:
         idx = torch.as_tensor(idx, dtype=torch.long)
         seq = int(self.answer_pos[idx].max()) + 1
         prompts = None if self.prompts is None else tuple(self.prompts[int(i)] for i in idx)
+        groups = None if self.groups is None else tuple(self.groups[int(i)] for i in idx)
         return replace(
             self,
             clean=self.clean[idx, :seq],
@@ -235,6 +248,7 @@ class PromptTask:
             answer_pos=self.answer_pos[idx],
             prompts=prompts,
             position_labels=_rows(self.position_labels, idx, seq),
+            groups=groups,
         )
 
     def take(self, idx: Tensor, seq: int, rows: list[int] | None = None) -> PromptTask:
@@ -256,6 +270,9 @@ class PromptTask:
             else tuple(self.prompts[i] for i in rows),
             "position_labels": _rows(self.position_labels, idx, seq),
             "position_names": self.position_names,
+            "groups": None
+            if self.groups is None or rows is None
+            else tuple(self.groups[i] for i in rows),
         }
         return _unchecked(fields)
 
@@ -285,20 +302,49 @@ class PromptTask:
             )
         return reindex(self.position_labels, self.position_names, names)
 
-    def split(self, train_fraction: float = 0.5, seed: int = 0) -> tuple[PromptTask, PromptTask]:
-        """A seeded random (train, held-out) split, so faithfulness is read on unseen prompts."""
-        train, held_out = self.split_indices(train_fraction, seed)
+    def split(
+        self, train_fraction: float = 0.5, seed: int = 0, by: SplitBy = "prompts"
+    ) -> tuple[PromptTask, PromptTask]:
+        """A seeded random (train, held-out) split, so faithfulness is read on unseen prompts;
+        `by="groups"` holds out whole groups (IOI: templates), so on unseen groups too."""
+        train, held_out = self.split_indices(train_fraction, seed, by)
         return self.subset(train), self.subset(held_out)
 
-    def split_indices(self, train_fraction: float = 0.5, seed: int = 0) -> tuple[Tensor, Tensor]:
+    def split_indices(
+        self, train_fraction: float = 0.5, seed: int = 0, by: SplitBy = "prompts"
+    ) -> tuple[Tensor, Tensor]:
         """The rows of `split`'s (train, held-out) parts, each sorted."""
         if not 0 < train_fraction < 1:
             raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}.")
+        if by == "groups":
+            return self._split_groups(train_fraction, seed)
+        if by != "prompts":
+            raise ValueError(f"by must be 'prompts' or 'groups', got {by!r}.")
         n_train = round(len(self) * train_fraction)
         if not 0 < n_train < len(self):
             raise ValueError(f"Cannot split {len(self)} prompts at {train_fraction}: need more.")
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return perm[:n_train].sort().values, perm[n_train:].sort().values
+
+    def _split_groups(self, train_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+        """Whole groups held out, in a seeded order, until at least 1 - train_fraction of the
+        prompts are (the nearest the groups' sizes allow from above)."""
+        if self.groups is None:
+            raise ValueError(
+                f"Task {self.name!r} has no groups to hold out: split by='prompts', or build it "
+                "with tasks.ioi (groups are its templates) or from_prompts(..., groups=...)."
+            )
+        names = sorted(set(self.groups))
+        if len(names) < 2:
+            raise ValueError(f"Task {self.name!r} has one group, {names[0]!r}; split by='prompts'.")
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+        want, held = (1 - train_fraction) * len(self), set()
+        for i in order[:-1]:  # at least one group stays for training
+            held.add(names[i])
+            if sum(g in held for g in self.groups) >= want:
+                break
+        mask = torch.tensor([g in held for g in self.groups])
+        return (~mask).nonzero()[:, 0], mask.nonzero()[:, 0]
 
     def check_vocab(self, d_vocab: int, vocab_out: int | None = None) -> None:
         """Raise a ValueError when a prompt token is outside the input vocabulary (`d_vocab`)

@@ -158,7 +158,7 @@ def _ioi(
             )
 
     rng = random.Random(seed)
-    rows: list[tuple[str, str, str, str, list[str]]] = []
+    rows: list[tuple[str, str, str, str, list[str], str]] = []
     order: list[int] = []
     for i in range(n):
         # Pairs of examples share a template, one per order, so both stay balanced.
@@ -166,9 +166,12 @@ def _ioi(
         if pair % len(templates) == 0 and i % 2 == 0:
             order = rng.sample(range(len(templates)), len(templates))
         template = templates[order[pair % len(templates)]]
-        rows.append(_sample(model, rng, template, i % 2 == 0, names, places, objects, corruption))
+        row = _sample(model, rng, template, i % 2 == 0, names, places, objects, corruption)
+        rows.append((*row, template))
     rng.shuffle(rows)
-    clean, corrupted, correct, incorrect, labels = (list(col) for col in zip(*rows, strict=True))
+    clean, corrupted, correct, incorrect, labels, groups = (
+        list(col) for col in zip(*rows, strict=True)
+    )
     return PromptTask.from_prompts(
         model,
         clean,
@@ -178,6 +181,7 @@ def _ioi(
         name="ioi",
         positions=labels,
         position_names=IOI_POSITIONS,
+        groups=groups,  # each prompt's template, so a split can hold out templates
     )
 
 
