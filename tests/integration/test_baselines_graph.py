@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from tl_nodeprune.baselines.graph import EdgeGraph, corrupted_values, edge_forward
+from tl_nodeprune.baselines.graph import EdgeGraph, EdgeRun, corrupted_values, edge_forward
 from tl_nodeprune.circuit import parse_edge
+from tl_nodeprune.objectives import forward_answers
 from tl_nodeprune.planted import planted_problem, tiny_model
 from tl_nodeprune.sites import ModelShape
 
@@ -91,3 +92,34 @@ def test_hooks_are_removed_after_an_error_inside_the_forward(problem):
     with pytest.raises(KeyError):
         edge_forward(model, graph, task.clean, task.answer_pos, torch.ones(graph.n_edges), corr)
     assert hook_count(model) == 0
+
+
+class _PerEdgeRun(EdgeRun):
+    """Each reader's input by the definition, one edge at a time: base + sum of mask x delta."""
+
+    def reader_input(self, key, base):
+        deltas = torch.cat(self.chunks)  # (writers so far, batch, pos, d_model)
+        mask = self.masks[key]
+        rows = [base + sum(mask[r, w] * deltas[w] for w in range(mask.shape[1]))
+                for r in range(mask.shape[0])]  # fmt: skip
+        return torch.stack(rows, dim=2)
+
+
+def test_masked_forward_and_mask_gradients_match_the_per_edge_definition(flavour):
+    model = tiny_model(flavour, n_layers=3, n_heads=4)  # random: every writer's delta counts
+    graph = EdgeGraph.from_model(model)
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randint(0, model.cfg.d_vocab, (2, 4, 6), generator=gen)
+    corr = corrupted_values(model, graph, corrupted)
+    mask = torch.rand(graph.n_edges, generator=gen)
+    results = []
+    for run_class in (EdgeRun, _PerEdgeRun):
+        leaf = mask.clone().requires_grad_(True)
+        run = run_class(model, graph, leaf, corr)
+        logits = forward_answers(model, clean, torch.full((4,), 5), run.hooks(), fast=False)
+        (logits.log_softmax(-1)[:, :3] * torch.arange(12.0).view(4, 3)).sum().backward()
+        results.append((logits.detach(), leaf.grad))
+    (got, got_grad), (want, want_grad) = results
+    assert (want_grad.abs() > 1e-4).float().mean() > 0.9  # (nearly) every edge matters here
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)

@@ -35,6 +35,7 @@ from ..granularities import node_name
 from ..objectives import forward_answers
 from ..sites import ModelShape
 
+QKV = ("q", "k", "v")  # a layer's attention readers, in flat mask order
 ReaderKey = tuple[int, str]  # (layer, "q" | "k" | "v" | "mlp"); (n_layers, "logits")
 HookList = list[tuple[str, Callable[..., Tensor]]]
 
@@ -198,6 +199,7 @@ class EdgeRun:
         self.probes = probes or {}
         self.w = weights or ProjectionWeights(model, graph.shape)
         self.chunks: list[Tensor] = []  # (writers in chunk, batch, pos, d_model), in order
+        self.qkv: tuple[int, Tensor] | None = None  # (layer, its q, k and v inputs together)
 
     def _push(self, delta: Tensor) -> None:
         """Store one chunk of writer deltas, (writers, batch, pos, d_model), writer-major.
@@ -212,8 +214,28 @@ class EdgeRun:
         self.chunks.append(delta.contiguous())
 
     def reader_input(self, key: ReaderKey, base: Tensor) -> Tensor:
-        """`base` (the corrupted residual) plus mask-weighted writer deltas, per reader."""
-        mask = self.masks[key]
+        """`base` (the corrupted residual) plus mask-weighted writer deltas, per reader.
+
+        A layer's query, key and value readers read the same writers, so the first of them
+        mixes all three at once (one pass over the writer deltas, not three) and the others
+        take their rows of it.
+        """
+        layer, kind = key
+        if kind in QKV:
+            if self.qkv is None or self.qkv[0] != layer:
+                mask = torch.cat([self.masks[(layer, k)] for k in QKV])
+                self.qkv = (layer, self._mix(mask, base))
+            rows = [self.masks[(layer, k)].shape[0] for k in QKV]
+            start = sum(rows[: QKV.index(kind)])
+            out = self.qkv[1][:, :, start : start + rows[QKV.index(kind)]]
+        else:
+            out = self._mix(self.masks[key], base)
+        if key in self.probes:
+            out = out + self.probes[key]
+        return out
+
+    def _mix(self, mask: Float[Tensor, "readers up"], base: Tensor) -> Tensor:
+        """(batch, pos, readers, d_model): `base` plus each reader's mask-weighted deltas."""
         n_readers, up = mask.shape
         mixed, start = None, 0
         for chunk in self.chunks:
@@ -221,8 +243,8 @@ class EdgeRun:
                 break
             width = chunk.shape[0]
             m = mask[:, start : start + width].to(chunk.dtype)  # (readers, writers in chunk)
-            part = m @ chunk.reshape(width, -1)  # (readers, batch * pos * d_model)
-            mixed = part if mixed is None else mixed + part
+            flat = chunk.reshape(width, -1)  # (writers in chunk, batch * pos * d_model)
+            mixed = m @ flat if mixed is None else torch.addmm(mixed, m, flat)
             start += width
         b, p, d = base.shape
         out = base[:, :, None, :]
@@ -230,8 +252,6 @@ class EdgeRun:
             out = out + mixed.view(n_readers, b, p, d).permute(1, 2, 0, 3)  # (b, p, r, d)
         else:
             out = out.expand(-1, -1, n_readers, -1)
-        if key in self.probes:
-            out = out + self.probes[key]
         return out
 
     def hooks(self) -> HookList:
@@ -248,7 +268,7 @@ class EdgeRun:
         return hooks
 
     def _input_hook(self, x: Tensor, hook: Any) -> Tensor:
-        self.chunks = []
+        self.chunks, self.qkv = [], None
         value = x if self.input_value is None else self.input_value.to(x.dtype)
         self._push((value - self.corrupted["blocks.0.hook_resid_pre"])[None])
         return x
