@@ -58,3 +58,44 @@ def test_node_masks_prune_writers_outside_the_planted_circuit():
     assert all(w in ("input", "m0", "m1", "m2") or tuple(map(int, w[1:].split(".h")))
                in problem.circuit.heads for w in writers)  # fmt: skip
     assert torch.isfinite(torch.tensor(list(found.edge_scores.values()))).all()
+
+
+def test_until_target_stops_at_the_first_step_that_meets_the_target():
+    """The stopped circuit is the fixed-length run's of that many steps; one step fewer misses."""
+    problem = planted_problem("bridge-native", seed=0)
+    cfg = EdgePruneConfig(steps=200, warmup_steps=10, target_edge_sparsity=0.85,
+                          until_target=True, progress=False)  # fmt: skip
+    found = edge_pruning(problem.model, problem.task, cfg)
+    budget = 0.15 * found.meta["n_edges_total"]
+    steps = found.meta["steps"]
+    assert found.meta["reached_target"] and 10 < steps < 200
+    assert found.n_edges <= budget
+    fixed = {"until_target": False, "progress": False}
+    same = edge_pruning(problem.model, problem.task, cfg, steps=steps, **fixed)
+    assert same.edges == found.edges
+    before = edge_pruning(problem.model, problem.task, cfg, steps=steps - 1, **fixed)
+    assert before.n_edges > budget
+    last = found.meta["trace"][-1]
+    assert last["steps"] == steps and last["kl"] == pytest.approx(found.meta["final_kl"])
+    assert last["kept_edges"] == pytest.approx(found.n_edges / found.meta["n_edges_total"])
+
+
+def test_until_target_waits_for_the_end_of_the_warm_up():
+    """The kept fraction falls under the target early (all gates cross zero together near
+    step init/lr = 30); the run goes on until the target has ramped in fully."""
+    problem = planted_problem("bridge-native", seed=0)
+    cfg = EdgePruneConfig(steps=200, warmup_steps=60, target_edge_sparsity=0.85,
+                          until_target=True, progress=False, log_every=5)  # fmt: skip
+    found = edge_pruning(problem.model, problem.task, cfg)
+    early = [r["steps"] for r in found.meta["trace"] if r["kept_edges"] <= 0.15]
+    assert early and early[0] < 60
+    assert found.meta["steps"] == 60 and found.meta["reached_target"]
+
+
+def test_until_target_reports_a_cap_reached_first():
+    problem = planted_problem("bridge-native", seed=0, n_prompts=16)
+    cfg = EdgePruneConfig(steps=5, warmup_steps=40, target_edge_sparsity=0.9,
+                          until_target=True, progress=False)  # fmt: skip
+    found = edge_pruning(problem.model, problem.task, cfg)
+    assert found.meta["steps"] == 5 and found.meta["reached_target"] is False
+    assert found.n_edges > 0.1 * found.meta["n_edges_total"]

@@ -33,6 +33,14 @@ class EdgePruneConfig:
     1 - target by a Lagrangian, lambda * gap + rho * gap**2, with lambda trained by gradient
     ascent; the target ramps up linearly over `warmup_steps`, as in the paper. The history
     stays on the device and is read every `log_every` steps (a non-finite loss raises then).
+
+    `until_target=True` makes `steps` a cap: the run stops after the first step, the warm-up
+    over, at which the circuit it would return (deterministic gates above `threshold`) keeps
+    at most 1 - `target_edge_sparsity` of the edges. Not before the warm-up ends: every
+    log_alpha falls by about `lr` a step at first (Adam), so around step init/lr they cross
+    zero together and the kept fraction drops to a few percent at a high KL, for a few steps.
+    It reads the kept count every step (one host-device synchronisation a step); the
+    circuit's meta says whether the target was met.
     """
 
     steps: int = 300
@@ -50,6 +58,7 @@ class EdgePruneConfig:
     seed: int = 0
     progress: bool = True
     log_every: int = 25
+    until_target: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -91,6 +100,15 @@ class EdgeMasks(nn.Module):
         writers = None if self.writers is None else self.hc.sample(self.writers, gen)
         return self.hc.sample(self.edges, gen), writers
 
+    def keep(self, graph: EdgeGraph, threshold: float) -> Tensor:
+        """Edges the circuit keeps: deterministic gate above `threshold` (and their writer's)."""
+        with torch.no_grad():
+            keep = self.hc.deterministic(self.edges) > threshold
+            if self.writers is not None:
+                writer_keep = self.hc.deterministic(self.writers) > threshold
+                keep &= graph.node_mask(writer_keep.float()).bool()
+        return keep
+
     def expected_l0(self) -> dict[str, Tensor]:
         out = {"edges": self.hc.expected_l0(self.edges).mean()}
         if self.writers is not None:
@@ -126,13 +144,15 @@ def edge_pruning(
         lagrangian_rho=cfg.lagrangian_rho,
         device=device,
     )
-    history = History(
-        cfg.log_every, f"Run the model in float32 or lower EdgePruneConfig.lr (now {cfg.lr})."
-    )
+    advice = f"Run the model in float32 or lower EdgePruneConfig.lr (now {cfg.lr})."
+    history = History(cfg.log_every, advice)
     ref = ReferenceRun(model, task, capture_names(graph), batch_size=cfg.batch_size, fast=True)
     task, ablation, fast, full = ref.task, ref.ablation, ref.fast, ref.full
+    budget = (1.0 - cfg.target_edge_sparsity) * graph.n_edges  # most kept edges on target
+    reached: int | None = None  # steps run when the kept edges first met the target
     with frozen(model):
         weights = ProjectionWeights(model, graph.shape)
+        loop = time.perf_counter()  # the steps' own time starts here (after the reference run)
         for step in trange(cfg.steps, desc="edge pruning", disable=not cfg.progress):
             idx, seq, batch = plan.batch(task, step)
             edge_mask, writer_mask = masks.sample(gen)
@@ -148,9 +168,14 @@ def edge_pruning(
             loss.backward()
             optimizer.step()
             sparsity.ascend(l0, step)
-            history.add(step, loss, terms, l0)
+            kept = masks.keep(graph, cfg.threshold).sum()
+            history.add(step, loss, terms, {**l0, "kept_edges": kept / graph.n_edges})
+            if cfg.until_target and cfg.ramp(step) == 1.0 and kept.item() <= budget:
+                reached = step + 1
+                break
         history.read()
-    return _circuit(graph, masks, cfg, task, history.rows, time.perf_counter() - start)
+    times = (time.perf_counter() - start, time.perf_counter() - loop)
+    return _circuit(graph, masks, cfg, task, history.rows, times, reached)
 
 
 def _circuit(
@@ -159,14 +184,16 @@ def _circuit(
     cfg: EdgePruneConfig,
     task: PromptTask,
     history: list[dict[str, float]],
-    seconds: float,
+    times: tuple[float, float],
+    reached: int | None = None,
 ) -> Circuit:
-    """Kept edges: deterministic gate above the threshold (and their writer's, with node masks)."""
-    with torch.no_grad():
-        keep = cfg.hard_concrete.deterministic(masks.edges) > cfg.threshold
-        if masks.writers is not None:
-            writer_keep = cfg.hard_concrete.deterministic(masks.writers) > cfg.threshold
-            keep &= graph.node_mask(writer_keep.float()).bool()
+    """Kept edges: deterministic gate above the threshold (and their writer's, with node masks).
+
+    meta: `steps` run (`max_steps` the cap), `reached_target` (with `until_target`), `trace`
+    (KL and kept fraction of edges every `log_every` steps and at the last) and `seconds`
+    (`times[0]`, from the start) and `seconds_per_step` (the loop's `times[1]` over the steps).
+    """
+    keep = masks.keep(graph, cfg.threshold)
     names = graph.edge_names
     kept = [names[i] for i in keep.nonzero().flatten().tolist()]
     scores = dict(zip(names, masks.edges.detach().cpu().tolist(), strict=True))
@@ -174,14 +201,27 @@ def _circuit(
     meta = {
         "method": "edge_pruning",
         "task": task.name,
-        "steps": cfg.steps,
+        "steps": len(history),
+        "max_steps": cfg.steps,
+        "until_target": cfg.until_target,
+        "reached_target": reached is not None if cfg.until_target else None,
+        "trace": _trace(history, cfg.log_every),
         "seed": cfg.seed,
         "target_edge_sparsity": cfg.target_edge_sparsity,
         "final_kl": last.get("kl"),
-        "seconds": seconds,
+        "seconds": times[0],
+        "seconds_per_step": times[1] / max(len(history), 1),
         "n_edges_total": graph.n_edges,
     }
     return Circuit.from_edges(graph.shape, kept, edge_scores=scores, meta=meta)
+
+
+def _trace(history: list[dict[str, float]], every: int) -> list[dict[str, float]]:
+    """Every `every` steps and at the last: steps run, KL, kept fraction of edges and its
+    expectation (`expected_edges`, the mean P(gate != 0) the Lagrangian holds to the target)."""
+    rows = [r for i, r in enumerate(history) if (i + 1) % every == 0 or i + 1 == len(history)]
+    return [{"steps": int(r["step"]) + 1, "kl": r["kl"], "kept_edges": r["kept_edges"],
+             "expected_edges": r["edges"]} for r in rows]  # fmt: skip
 
 
 __all__ = ["EdgeMasks", "EdgePruneConfig", "edge_pruning"]
