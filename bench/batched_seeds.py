@@ -22,25 +22,24 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import GENERATED, GIB, pipe_table, reset_peak_rss, run_points, status_bytes
+from bench.common import (
+    GENERATED,
+    GIB,
+    gpt2_small_problem,
+    pipe_table,
+    reset_peak_rss,
+    run_points,
+    status_bytes,
+)
 
 MODES = ("separate", "batched")
 
 
 def run_point(mode: str, batch: int, seq: int, seeds: int, steps: int, prompts: int) -> dict:
     """One measurement in this process (call it in a fresh one)."""
-    import torch
-
-    from tl_nodeprune.planted import tiny_model
     from tl_nodeprune.pruner import NodePruner, PruneConfig
-    from tl_nodeprune.tasks.base import PromptTask
 
-    model = tiny_model("bridge-native", n_layers=12, n_heads=12, d_head=64, d_mlp=3072,
-                       d_vocab=50257, n_ctx=max(1024, seq))  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 50257, (2, prompts, seq), generator=gen)
-    answers = torch.randint(0, 50257, (prompts,), generator=gen)
-    task = PromptTask.from_tokens(tokens[0], tokens[1], answers, (answers + 1) % 50257)
+    model, task = gpt2_small_problem(prompts, seq)
     reset_peak_rss()
     base = status_bytes("VmRSS")
     config = PruneConfig(steps=steps, batch_size=batch, checkpoint=False, progress=False,

@@ -59,6 +59,22 @@ def run_points(
     return rows
 
 
+def gpt2_small_problem(n_prompts: int, seq: int) -> tuple[Any, Any]:
+    """A random GPT-2-small-shaped model (12 layers, 12 heads of 64, d_mlp 3072, GPT-2's
+    vocabulary) and `n_prompts` random prompt pairs of `seq` tokens: the benches' workload."""
+    import torch
+
+    from tl_nodeprune.planted import tiny_model
+    from tl_nodeprune.tasks.base import PromptTask
+
+    model = tiny_model("bridge-native", n_layers=12, n_heads=12, d_head=64, d_mlp=3072,
+                       d_vocab=50257, n_ctx=max(1024, seq))  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50257, (2, n_prompts, seq), generator=gen)
+    answers = torch.randint(0, 50257, (n_prompts,), generator=gen)
+    return model, PromptTask.from_tokens(tokens[0], tokens[1], answers, (answers + 1) % 50257)
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Points saved earlier: a CSV a script wrote (missing cells read as None) or JSON lines."""
     if path.suffix == ".csv":

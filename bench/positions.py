@@ -20,7 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import GENERATED, GIB, pipe_table, reset_peak_rss, run_points, status_bytes
+from bench.common import (
+    GENERATED,
+    GIB,
+    gpt2_small_problem,
+    pipe_table,
+    reset_peak_rss,
+    run_points,
+    status_bytes,
+)
 
 MODES = ("blind", "named", "absolute")
 LABELS = ("S1", "IO", "S2", "END", "other")
@@ -32,16 +40,9 @@ def run_point(mode: str, batch: int, seq: int, steps: int) -> dict:
 
     import torch
 
-    from tl_nodeprune.planted import tiny_model
     from tl_nodeprune.pruner import NodePruner, PruneConfig
-    from tl_nodeprune.tasks.base import PromptTask
 
-    model = tiny_model("bridge-native", n_layers=12, n_heads=12, d_head=64, d_mlp=3072,
-                       d_vocab=50257, n_ctx=max(1024, seq))  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 50257, (2, batch, seq), generator=gen)
-    answers = torch.randint(0, 50257, (batch,), generator=gen)
-    task = PromptTask.from_tokens(tokens[0], tokens[1], answers, (answers + 1) % 50257)
+    model, task = gpt2_small_problem(batch, seq)
     # IOI-like labels: S1, IO and S2 at three fixed tokens, END last, the rest "other".
     labels = torch.full((batch, seq), LABELS.index("other"))
     for name, at in (("S1", 2), ("IO", 4), ("S2", seq // 2), ("END", seq - 1)):
