@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import tl_nodeprune as tnp
 from tl_nodeprune.cli import NOT_OPTIONS, discover_config, main
@@ -119,6 +120,20 @@ def test_discover_with_seeds_prints_the_spread_and_writes_one_circuit_per_seed(t
     rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()
             if line.split()[:1] in (["head"], ["neuron"])}  # fmt: skip
     assert rows == {"head": ["1.0", "2", "2"], "neuron": ["1.0", "9", "9"]}
+
+
+def test_batched_seeds_write_the_circuits_the_seeds_give_one_by_one(tmp_path):
+    common = ["discover", *PLANTED, "--steps", "12", "--seeds", "0", "1"]
+    assert main([*common, "--out", str(tmp_path / "one.json")]) == 0
+    assert main([*common, "--out", str(tmp_path / "all.json"), "--batched-seeds"]) == 0
+    for seed in (0, 1):
+        alone = tnp.Circuit.load(tmp_path / f"one.seed{seed}.json")
+        batched = tnp.Circuit.load(tmp_path / f"all.seed{seed}.json")
+        assert batched.meta["seed"] == seed and batched.nodes == alone.nodes
+        for g in alone.gates:
+            assert torch.allclose(batched.gates[g], alone.gates[g], atol=1e-4), (seed, g)
+    with pytest.raises(SystemExit, match="name them: --seeds 0 1 2"):
+        main(["discover", *PLANTED, "--batched-seeds", "--out", str(tmp_path / "x.json")])
 
 
 # Every PruneConfig field, written as a `discover` option, and the value it must set. Values
