@@ -7,7 +7,8 @@ Per seed N, as `tl-nodeprune discover --seed N` does: `--n-prompts` (1,000) prom
 seed N, split at `--train-fraction` (0.8: 800 to train, 200 held out), then
 `NodePruner(model, PruneConfig(seed=N, **cfg))`. Prints and appends kept nodes per granularity,
 held-out faithfulness and KL (the same on up to 200 of the training prompts and, for IOI, on
-as many `ioi_independent` prompts as are held out), and the training time; saves the learned
+as many `ioi_independent` prompts as are held out: new templates and names, new templates
+only, new names only), and the training time; saves the learned
 log_alphas and the circuit beside the output (`out/quality_TAG_TASK_N.pt`, `.json`) for
 later studies.
 """
@@ -23,6 +24,9 @@ import torch
 
 import tl_nodeprune as tnp
 from tl_nodeprune.cli import DEFAULT_PROMPTS, DEFAULT_TRAIN_FRACTION
+
+# ioi_independent's `unseen` -> the JSON key of its scores
+UNSEEN_KEYS = {"both": "independent", "templates": "unseen_templates", "names": "unseen_names"}
 
 
 def main() -> None:
@@ -64,11 +68,13 @@ def main() -> None:
         # the independent templates and names it was not tuned on.
         on_train = tnp.evaluate(model, result.circuit, train.subset(range(min(len(train), 200))))
         extra = {"f_train": round(on_train.faithfulness, 4), "kl_train": round(on_train.kl, 4)}
-        if args.task == "ioi":
-            independent = tnp.tasks.ioi_independent(model, n=len(held_out), seed=seed)
-            on_independent = tnp.evaluate(model, result.circuit, independent)
-            extra |= {"f_independent": round(on_independent.faithfulness, 4),
-                      "kl_independent": round(on_independent.kl, 4)}  # fmt: skip
+        if args.task == "ioi":  # new templates and words, then each alone
+            for unseen, key in UNSEEN_KEYS.items():
+                other = tnp.tasks.ioi_independent(model, n=len(held_out), seed=seed,
+                                                  unseen=unseen)  # fmt: skip
+                on_other = tnp.evaluate(model, result.circuit, other)
+                extra |= {f"f_{key}": round(on_other.faithfulness, 4),
+                          f"kl_{key}": round(on_other.kl, 4)}  # fmt: skip
         row = {
             "tag": args.tag, "task": args.task, "seed": seed, "cfg": overrides,
             "n_prompts": args.n_prompts, "n_train": len(train), "n_held_out": len(held_out),

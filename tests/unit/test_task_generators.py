@@ -282,6 +282,30 @@ def test_ioi_independent_shares_no_template_or_word_with_ioi(case: Case) -> None
     assert used == set(INDEPENDENT_TEMPLATES)  # every template used (balance: the ioi test)
 
 
+@pytest.mark.parametrize("unseen", ["templates", "names"])
+def test_ioi_independent_unseen_draws_only_the_named_part_from_the_second_sets(
+    case: Case, unseen: str
+) -> None:
+    """unseen="templates": second templates, ioi's words; "names": ioi's templates, second
+    words. Swapping the pools (or ignoring `unseen`) puts a name or template in the wrong set."""
+    model = case.model
+    templates = INDEPENDENT_TEMPLATES if unseen == "templates" else TEMPLATES
+    names, places = (NAMES, PLACES) if unseen == "templates" else (INDEPENDENT_NAMES,
+                                                                    INDEPENDENT_PLACES)  # fmt: skip
+    task = ioi_independent(model, n=2 * len(templates), seed=3, unseen=unseen)  # type: ignore[arg-type]
+    _corrupted_texts(task, model)
+    used = set()
+    for i, prompt in enumerate(task.prompts):
+        io, s = (_text(model, t[i]).strip() for t in (task.correct, task.incorrect))
+        assert io in names and s in names and io != s
+        assert any(re.search(rf"\b{p}\b", prompt) for p in places)
+        used |= {t for t in templates if re.fullmatch(_pattern(t), prompt)}
+    assert used == set(templates)
+    assert set(task.groups or ()) == set(templates)
+    with pytest.raises(ValueError, match="unseen must be one of"):
+        ioi_independent(model, n=4, unseen="words")  # type: ignore[arg-type]
+
+
 def _pattern(template: str) -> str:
     return re.sub(r"\\\{\w+\\\}", r"\\w+", re.escape(template))
 

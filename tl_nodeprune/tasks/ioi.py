@@ -18,6 +18,9 @@ from .labels import fill_template, label_tokens
 
 Corruption = Literal["abc", "flip"]
 CORRUPTIONS: tuple[str, ...] = ("abc", "flip")
+# What `ioi_independent` draws from the second sets: templates, words (names, places, objects).
+Unseen = Literal["both", "templates", "names"]
+UNSEEN: tuple[str, ...] = ("both", "templates", "names")
 # The position labels of IOI tokens, in the order a task's `position_names` lists them.
 IOI_POSITIONS: tuple[str, ...] = ("S1", "IO", "S2", "END", "other")
 
@@ -123,15 +126,30 @@ def ioi(
 
 
 def ioi_independent(
-    model: Any, n: int = 64, seed: int = 0, corruption: Corruption = "abc"
+    model: Any,
+    n: int = 64,
+    seed: int = 0,
+    corruption: Corruption = "abc",
+    unseen: Unseen = "both",
 ) -> PromptTask:
     """IOI from a second set of templates, names, places and objects, none shared with `ioi`'s.
 
     For checking a circuit (or a default setting) on prompts it was not tuned on: a circuit
     found with `ioi` that only fits `ioi`'s templates or names loses faithfulness here.
+    `unseen` says what is new: `"both"` (default), `"templates"` (the second templates filled
+    with `ioi`'s names, places and objects) or `"names"` (`ioi`'s templates filled with the
+    second names, places and objects), to tell which of the two a circuit fails to carry over.
     """
-    pools = (INDEPENDENT_NAMES, INDEPENDENT_PLACES, INDEPENDENT_OBJECTS)
-    return _ioi(model, n, seed, corruption, INDEPENDENT_TEMPLATES, pools)
+    if unseen not in UNSEEN:
+        raise ValueError(f"unseen must be one of {UNSEEN}, got {unseen!r}.")
+    new_words = unseen in ("both", "names")
+    pools = (
+        (INDEPENDENT_NAMES, INDEPENDENT_PLACES, INDEPENDENT_OBJECTS)
+        if new_words
+        else (NAMES, PLACES, OBJECTS)
+    )
+    templates = TEMPLATES if unseen == "names" else INDEPENDENT_TEMPLATES
+    return _ioi(model, n, seed, corruption, templates, pools)
 
 
 def _ioi(
