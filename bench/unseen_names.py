@@ -9,7 +9,9 @@ with `PruneConfig(seed=N, **cfg)`, and the circuit's f and KL on the 200 held-ou
 200 prompts of the independent templates with ioi's words (`unseen="templates"`, seed 1234),
 200 of ioi's templates with the independent words (`unseen="names"`, seed 1234) and 200
 `ioi_independent` prompts (both new, seed N). Appends to out/unseen_names.jsonl and saves the
-log_alphas beside it.
+log_alphas beside it. `--saved out/quality_TAG_ioi_N.pt ...` scores the circuits (gates above
+0) of log_alphas `bench/quality_smollm2.py` saved instead of fitting, seed N from the name and
+held-out prompts as that run drew them (give its `--n-train`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
 import tl_nodeprune as tnp
+from tl_nodeprune.selection import circuit_at
 
 ioi_module = importlib.import_module("tl_nodeprune.tasks.ioi")  # `tasks.ioi` is the function
 
@@ -49,6 +53,7 @@ def main() -> None:
     p.add_argument("--cfg", default="{}", help="JSON of PruneConfig overrides")
     p.add_argument("--tag", default="run")
     p.add_argument("--out", type=Path, default=Path("out/unseen_names.jsonl"))
+    p.add_argument("--saved", nargs="*", default=[], help="score these saved log_alphas")
     args = p.parse_args()
     cfg = json.loads(args.cfg)
     model = tnp.load_model("smollm2-135m")
@@ -58,15 +63,21 @@ def main() -> None:
                       if n not in ioi_module.INDEPENDENT_NAMES)  # fmt: skip
     pools = (names, ioi_module.PLACES, ioi_module.OBJECTS)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
+    runs = [(int(re.findall(r"_(\d+)\.pt$", path)[0]), path) for path in args.saved]
+    for seed, saved in runs or [(seed, None) for seed in args.seeds]:
         torch.manual_seed(seed)
         task = ioi_module._ioi(model, args.n_train + 200, seed, "abc", ioi_module.TEMPLATES, pools)
         train, held_out = task.split(args.n_train / len(task), seed=seed)
         start = time.perf_counter()
-        result = tnp.NodePruner(model, tnp.PruneConfig(seed=seed, progress=False, **cfg)).fit(train)
+        if saved is None:  # the fit's own circuit (a budget's selection, if any)
+            result = tnp.NodePruner(model, tnp.PruneConfig(seed=seed, progress=False, **cfg)).fit(
+                train
+            )
+            torch.save(result.log_alpha, args.out.with_name(f"unseen_names_{args.tag}_{seed}.pt"))
+            c = result.circuit
+        else:
+            c = circuit_at(tnp.sites.ModelShape.from_model(model), torch.load(saved), 0.0)
         seconds = time.perf_counter() - start
-        tag = f"{args.tag}_{seed}"
-        torch.save(result.log_alpha, args.out.with_name(f"unseen_names_{tag}.pt"))
         unseen = tnp.tasks.ioi_independent
         sets = {
             "held_out": held_out,
@@ -74,9 +85,8 @@ def main() -> None:
             "unseen_names": unseen(model, 200, SETS_SEED, unseen="names"),
             "independent": unseen(model, 200, seed),
         }
-        c = result.circuit
-        row = {"tag": args.tag, "seed": seed, "n_train": len(train), "names": args.names,
-               "cfg": cfg, "fit_s": round(seconds), "heads": c.n_kept("head"),
+        row = {"tag": args.tag, "saved": saved, "seed": seed, "n_train": len(train),
+               "names": args.names, "cfg": cfg, "fit_s": round(seconds), "heads": c.n_kept("head"),
                "mlp": c.n_kept("mlp"), "neurons": c.n_kept("neuron")}  # fmt: skip
         for name, prompts in sets.items():
             e = tnp.evaluate(model, c, prompts)
