@@ -39,7 +39,8 @@ COMPARE_ARGS ?=
 compare: install
 	for task in ioi greater_than; do \
 		PYTHONPATH=. $(VENV)/bin/python bench/comparison_study.py --model smollm2-135m \
-			--task $$task --seeds 0 1 2 --out docs/generated $(COMPARE_ARGS) || exit 1; \
+			--task $$task --seeds 0 1 2 --out docs/generated --cache out/compare_cache \
+			$(COMPARE_ARGS) || exit 1; \
 	done
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on any broken link.

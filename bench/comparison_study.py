@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/comparison_study.py \
         --model smollm2-135m --task ioi --seeds 0 1 2 [--n-prompts 1000] [--steps 150] \
         [--methods node_pruning eap ...] [--edge-steps 300] [--edge-target 0.95] \
-        [--out docs/generated]
+        [--out docs/generated] [--cache out/compare_cache]
 
 Per seed, the prompts and split of `tl-nodeprune discover --seed N`: `--n-prompts` drawn with
 seed N, split at `--train-fraction` with seed N (`--model planted`: its planted model and
@@ -24,13 +24,17 @@ command at the top), comparison_<task>.csv (one row per level, method and seed),
 comparison_<task>_neurons.csv, the figures as PNGs, one self-contained HTML page (plotly inlined
 once), comparison.md (an index of every task's page in `--out`) and node pruning's circuit per
 seed as a MIB graph file (mib_<task>_seed<N>.json, for the MIB circuit track); `--mib NAME=PATH`
-adds circuits from other tools' MIB files as rows.
+adds circuits from other tools' MIB files as rows. `--cache DIR` keeps each method's scores
+per seed as JSON and reuses them when rerun with the same settings: on two CPU cores one
+SmolLM2 seed takes hours (activation patching alone ~45 s a node on 800 prompts), so the study
+can stop and go on.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import shlex
 import sys
@@ -103,6 +107,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True,
                    help="write the figures as PNGs too (kaleido)")  # fmt: skip
     p.add_argument("--out", type=Path, default=GENERATED)
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep each method's scores here (JSON) and reuse them on a rerun with "
+                        "the same settings, so a long study can stop and go on")  # fmt: skip
     args = p.parse_args(argv)
     if args.model == PLANTED:
         args.task = PLANTED
@@ -178,6 +185,14 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
     (training included), the others by `method_scores`."""
     out = Scored()
     for method in args.methods:
+        hit = read_cached(args, seed, method)
+        if hit is not None:
+            out.scores[method], out.costs[method], circuit = hit
+            if method == "node_pruning":
+                out.node_circuit = circuit
+            elif method == "edge_pruning":
+                out.edge_circuit = circuit
+            continue
         cost: dict[str, float] = {}
         with peak_memory(model, cost):
             if method == "node_pruning":
@@ -196,6 +211,8 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
             scores = method_scores(model, train, method, result=result, seed=seed, **extra)
         scores.attrs["seconds"] = cost["seconds"]
         out.scores[method], out.costs[method] = scores, cost
+        own = {"node_pruning": out.node_circuit, "edge_pruning": out.edge_circuit}.get(method)
+        write_cached(args, seed, method, scores, cost, own)
     for spec in args.mib:  # other tools' circuits, read from MIB files (issue 19, item 6)
         name, _, path = spec.partition("=")
         scores = method_scores(model, train, "edge_pruning", result=read_mib(path, model))
@@ -203,11 +220,13 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
         out.scores[f"mib:{name}"] = scores
         out.costs[f"mib:{name}"] = {"seconds": math.nan, "peak_mib": math.nan}
     if args.edges_ablated:
-        score_edges(model, train, args, out)
+        score_edges(model, train, args, seed, out)
     return out
 
 
-def score_edges(model: Any, train: Any, args: argparse.Namespace, out: Scored) -> None:
+def score_edges(
+    model: Any, train: Any, args: argparse.Namespace, seed: int, out: Scored
+) -> None:
     """Each edge method's scores per edge into `out.edge_scores` (`method_edge_scores`).
 
     Edge pruning's are its trained circuit's log_alpha (no new run; its cost is the training
@@ -219,12 +238,55 @@ def score_edges(model: Any, train: Any, args: argparse.Namespace, out: Scored) -
         if method == "edge_pruning":
             scores = method_edge_scores(model, train, method, result=out.edge_circuit)
             out.costs[name] = dict(out.costs[method])
+        elif (hit := read_cached(args, seed, name)) is not None:
+            scores, out.costs[name], _ = hit
         else:
             out.costs[name] = cost = {}
             with peak_memory(model, cost):
                 scores = method_edge_scores(model, train, method, ig_steps=args.ig_steps)
+            write_cached(args, seed, name, scores, cost)
         scores.attrs["seconds"] = out.costs[name]["seconds"]
         out.edge_scores[method] = scores
+
+
+# The settings a method's scores depend on: a cached file made under others is not reused.
+CACHE_KEYS = ("model", "task", "n_prompts", "train_fraction", "steps", "edge_steps",
+              "edge_target", "ig_steps", "device")  # fmt: skip
+
+
+def _cache_path(args: argparse.Namespace, seed: int, method: str) -> Path:
+    return args.cache / f"{args.task}_seed{seed}_{method.replace(' ', '_')}.json"
+
+
+def read_cached(
+    args: argparse.Namespace, seed: int, method: str
+) -> tuple[pd.Series, dict[str, float], Circuit | None] | None:
+    """(scores, cost, the method's own circuit) from `--cache`, or None when `--cache` is off,
+    the file is missing or it was made under other settings."""
+    if args.cache is None or not (path := _cache_path(args, seed, method)).exists():
+        return None
+    data = json.loads(path.read_text())
+    if data["settings"] != {k: getattr(args, k) for k in CACHE_KEYS}:
+        return None
+    scores = pd.Series(data["values"], index=pd.Index(data["index"], name=data["index_name"]),
+                       name=data["name"], dtype=float)  # fmt: skip
+    scores.attrs.update(data["attrs"])
+    circuit = None if data["circuit"] is None else Circuit.from_dict(data["circuit"])
+    return scores, data["cost"], circuit
+
+
+def write_cached(args: argparse.Namespace, seed: int, method: str, scores: pd.Series,
+                 cost: dict[str, float], circuit: Circuit | None = None) -> None:
+    """Keep one method's scores (and node or edge pruning's circuit) as JSON in `--cache`."""
+    if args.cache is None:
+        return
+    data = {"settings": {k: getattr(args, k) for k in CACHE_KEYS}, "name": scores.name,
+            "index_name": scores.index.name, "index": [str(i) for i in scores.index],
+            "values": [float(v) for v in scores], "attrs": scores.attrs, "cost": cost,
+            "circuit": None if circuit is None else circuit.to_dict()}  # fmt: skip
+    path = _cache_path(args, seed, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
 
 
 def seed_rows(

@@ -119,3 +119,34 @@ def test_a_circuit_without_a_block_gets_no_neurons_there_even_when_they_score_be
     assert kept[problem.circuit.kept("neuron") & coarse.kept("mlp")[:, None]].all()
     with pytest.raises(ValueError, match="0..64"):
         top_neurons(coarse, nodes, scores, 65)
+
+
+def test_a_rerun_with_the_cache_scores_nothing_again_and_writes_the_same_table(
+    tmp_path, monkeypatch
+):
+    """--cache: the second run reads every method's scores (node and edge pruning's circuits
+    included) instead of computing them, and its table equals the first; other settings miss."""
+    argv = ["--model", "planted", "--seeds", "0", "--steps", str(STEPS), "--edge-steps", "20",
+            "--methods", "node_pruning", "eap", "edge_pruning", "random", "--no-png",
+            "--cache", str(tmp_path / "cache")]  # fmt: skip
+    first = comparison_study.main([*argv, "--out", str(tmp_path / "a")])
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored again despite the cache")
+
+    for name in ("method_scores", "edge_pruning"):
+        monkeypatch.setattr(comparison_study, name, never)
+    read_circuit = comparison_study.method_edge_scores  # edge pruning's edges: its circuit's
+
+    def only_from_a_circuit(*args, **kwargs):
+        return read_circuit(*args, **kwargs) if kwargs.get("result") is not None else never()
+
+    monkeypatch.setattr(comparison_study, "method_edge_scores", only_from_a_circuit)
+    monkeypatch.setattr(NodePruner, "fit", never)
+    second = comparison_study.main([*argv, "--out", str(tmp_path / "b")])
+    pd.testing.assert_frame_equal(pd.read_csv(first["csv"]), pd.read_csv(second["csv"]))
+    assert (tmp_path / "a" / "mib_planted_seed0.json").read_text() == (
+        tmp_path / "b" / "mib_planted_seed0.json"
+    ).read_text()
+    with pytest.raises(AssertionError, match="despite the cache"):  # other settings: no reuse
+        comparison_study.main([*argv, "--steps", str(STEPS + 1), "--out", str(tmp_path / "c")])
