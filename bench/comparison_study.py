@@ -254,6 +254,10 @@ CACHE_KEYS = ("model", "task", "n_prompts", "train_fraction", "steps", "edge_ste
               "edge_target", "ig_steps", "device")  # fmt: skip
 
 
+def _cache_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in CACHE_KEYS}
+
+
 def _cache_path(args: argparse.Namespace, seed: int, method: str) -> Path:
     return args.cache / f"{args.task}_seed{seed}_{method.replace(' ', '_')}.json"
 
@@ -266,7 +270,7 @@ def read_cached(
     if args.cache is None or not (path := _cache_path(args, seed, method)).exists():
         return None
     data = json.loads(path.read_text())
-    if data["settings"] != {k: getattr(args, k) for k in CACHE_KEYS}:
+    if data["settings"] != _cache_settings(args):
         return None
     scores = pd.Series(data["values"], index=pd.Index(data["index"], name=data["index_name"]),
                        name=data["name"], dtype=float)  # fmt: skip
@@ -280,7 +284,7 @@ def write_cached(args: argparse.Namespace, seed: int, method: str, scores: pd.Se
     """Keep one method's scores (and node or edge pruning's circuit) as JSON in `--cache`."""
     if args.cache is None:
         return
-    data = {"settings": {k: getattr(args, k) for k in CACHE_KEYS}, "name": scores.name,
+    data = {"settings": _cache_settings(args), "name": scores.name,
             "index_name": scores.index.name, "index": [str(i) for i in scores.index],
             "values": [float(v) for v in scores], "attrs": scores.attrs, "cost": cost,
             "circuit": None if circuit is None else circuit.to_dict()}  # fmt: skip
