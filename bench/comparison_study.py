@@ -94,6 +94,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edge-target", type=float, default=EdgePruneConfig.target_edge_sparsity,
                    help="edge pruning's target edge sparsity")  # fmt: skip
     p.add_argument("--ig-steps", type=int, default=5, help="EAP-IG's interpolation steps")
+    p.add_argument("--patching-prompts", type=int, default=None,
+                   help="score activation patching on the first N training prompts (default: "
+                        "all); one exact pass per head and block makes it the slowest method "
+                        "on a CPU")  # fmt: skip
     p.add_argument("--fractions", type=float, nargs="+", default=list(MIB_FRACTIONS))
     p.add_argument("--edges-ablated", action=argparse.BooleanOptionalAction, default=True,
                    help="also give each edge method (eap, eap_ig, edge_pruning) rows with its "
@@ -208,7 +212,11 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
             else:
                 result = None
             extra = {"ig_steps": args.ig_steps} if method == "eap_ig" else {}
-            scores = method_scores(model, train, method, result=result, seed=seed, **extra)
+            prompts = train
+            if method == "activation_patching" and args.patching_prompts:
+                prompts = train.subset(torch.arange(min(args.patching_prompts, len(train))))
+            scores = method_scores(model, prompts, method, result=result, seed=seed, **extra)
+            scores.attrs["prompts"] = len(prompts)
         scores.attrs["seconds"] = cost["seconds"]
         out.scores[method], out.costs[method] = scores, cost
         own = {"node_pruning": out.node_circuit, "edge_pruning": out.edge_circuit}.get(method)
@@ -254,8 +262,11 @@ CACHE_KEYS = ("model", "task", "n_prompts", "train_fraction", "steps", "edge_ste
               "edge_target", "ig_steps", "device")  # fmt: skip
 
 
-def _cache_settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in CACHE_KEYS}
+def _cache_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    settings = {k: getattr(args, k) for k in CACHE_KEYS}
+    if method == "activation_patching":  # the one method scored on fewer prompts
+        settings["patching_prompts"] = args.patching_prompts
+    return settings
 
 
 def _cache_path(args: argparse.Namespace, seed: int, method: str) -> Path:
@@ -270,7 +281,7 @@ def read_cached(
     if args.cache is None or not (path := _cache_path(args, seed, method)).exists():
         return None
     data = json.loads(path.read_text())
-    if data["settings"] != _cache_settings(args):
+    if data["settings"] != _cache_settings(args, method):
         return None
     scores = pd.Series(data["values"], index=pd.Index(data["index"], name=data["index_name"]),
                        name=data["name"], dtype=float)  # fmt: skip
@@ -284,7 +295,7 @@ def write_cached(args: argparse.Namespace, seed: int, method: str, scores: pd.Se
     """Keep one method's scores (and node or edge pruning's circuit) as JSON in `--cache`."""
     if args.cache is None:
         return
-    data = {"settings": _cache_settings(args), "name": scores.name,
+    data = {"settings": _cache_settings(args, method), "name": scores.name,
             "index_name": scores.index.name, "index": [str(i) for i in scores.index],
             "values": [float(v) for v in scores], "attrs": scores.attrs, "cost": cost,
             "circuit": None if circuit is None else circuit.to_dict()}  # fmt: skip

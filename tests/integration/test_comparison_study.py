@@ -150,3 +150,32 @@ def test_a_rerun_with_the_cache_scores_nothing_again_and_writes_the_same_table(
     ).read_text()
     with pytest.raises(AssertionError, match="despite the cache"):  # other settings: no reuse
         comparison_study.main([*argv, "--steps", str(STEPS + 1), "--out", str(tmp_path / "c")])
+
+
+def test_patching_prompts_scores_activation_patching_alone_on_the_first_training_prompts(
+    tmp_path, monkeypatch
+):
+    """--patching-prompts k: activation patching's scores are those of the first k training
+    prompts, the other methods' are untouched, and only its cache entry depends on k."""
+    argv = ["--model", "planted", "--seeds", "0", "--methods", "random", "activation_patching",
+            "--no-edges-ablated", "--cache", str(tmp_path)]  # fmt: skip
+    args = comparison_study.parse([*argv, "--patching-prompts", "12"])
+    model, train, _ = comparison_study.load(args, 0)
+    scored = comparison_study.score_methods(model, train, args, 0)
+    first = train.subset(torch.arange(12))
+    expected = method_scores(model, first, "activation_patching")
+    pd.testing.assert_series_equal(scored.scores["activation_patching"], expected,
+                                   check_exact=False, rtol=1e-5, atol=1e-7)  # fmt: skip
+    everything = method_scores(model, train, "activation_patching")
+    assert not torch.allclose(torch.tensor(everything.values), torch.tensor(expected.values))
+    assert scored.scores["activation_patching"].attrs["prompts"] == 12
+    assert scored.scores["random"].attrs["prompts"] == len(train)
+
+    calls = []
+    real = comparison_study.method_scores
+    monkeypatch.setattr(comparison_study, "method_scores",
+                        lambda m, t, method, **kw: calls.append((method, len(t))) or
+                        real(m, t, method, **kw))  # fmt: skip
+    other = comparison_study.parse([*argv, "--patching-prompts", "20"])
+    comparison_study.score_methods(model, train, other, 0)
+    assert calls == [("activation_patching", 20)]  # random read back from the cache
