@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import shlex
@@ -266,6 +267,11 @@ def _cache_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
     settings = {k: getattr(args, k) for k in CACHE_KEYS}
     if method == "activation_patching":  # the one method scored on fewer prompts
         settings["patching_prompts"] = args.patching_prompts
+    elif method in ("node_pruning", "edge_pruning"):  # a changed default must not be reused
+        config = PruneConfig() if method == "node_pruning" else EdgePruneConfig()
+        fields = {k: v for k, v in dataclasses.asdict(config).items()
+                  if k not in ("seed", "progress", "steps")}  # fmt: skip
+        settings["config"] = json.loads(json.dumps(fields, default=str))
     return settings
 
 

@@ -150,6 +150,10 @@ def test_a_rerun_with_the_cache_scores_nothing_again_and_writes_the_same_table(
     ).read_text()
     with pytest.raises(AssertionError, match="despite the cache"):  # other settings: no reuse
         comparison_study.main([*argv, "--steps", str(STEPS + 1), "--out", str(tmp_path / "c")])
+    # a changed default of node pruning's config is a miss too, not a stale circuit reused
+    monkeypatch.setattr(comparison_study, "PruneConfig", functools.partial(PruneConfig, lr=0.3))
+    with pytest.raises(AssertionError, match="despite the cache"):
+        comparison_study.main([*argv, "--out", str(tmp_path / "d")])
 
 
 def test_patching_prompts_scores_activation_patching_alone_on_the_first_training_prompts(
