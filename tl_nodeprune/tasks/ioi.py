@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .base import PromptTask
 from .labels import fill_template, label_tokens
@@ -20,7 +20,7 @@ Corruption = Literal["abc", "flip"]
 CORRUPTIONS: tuple[str, ...] = ("abc", "flip")
 # What `ioi_independent` draws from the second sets: templates, words (names, places, objects).
 Unseen = Literal["both", "templates", "names"]
-UNSEEN: tuple[str, ...] = ("both", "templates", "names")
+UNSEEN: tuple[str, ...] = get_args(Unseen)
 # The position labels of IOI tokens, in the order a task's `position_names` lists them.
 IOI_POSITIONS: tuple[str, ...] = ("S1", "IO", "S2", "END", "other")
 
