@@ -32,9 +32,21 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tl_nodeprune.tasks import PromptTask, greater_than, ioi, ioi_independent
+from tl_nodeprune.tasks import (
+    PromptTask,
+    greater_than,
+    greater_than_independent,
+    ioi,
+    ioi_independent,
+)
 from tl_nodeprune.tasks.base import PAD_ANSWER
-from tl_nodeprune.tasks.greater_than import CENTURIES, GREATER_THAN_POSITIONS, NOUNS
+from tl_nodeprune.tasks.greater_than import (
+    CENTURIES,
+    GREATER_THAN_POSITIONS,
+    NOUNS,
+)
+from tl_nodeprune.tasks.greater_than import INDEPENDENT_NOUNS as SECOND_NOUNS
+from tl_nodeprune.tasks.greater_than import INDEPENDENT_TEMPLATES as SECOND_TEMPLATES
 from tl_nodeprune.tasks.ioi import (
     INDEPENDENT_NAMES,
     INDEPENDENT_OBJECTS,
@@ -62,8 +74,11 @@ class Case:
     two_digit: bool
 
 
-def _bpe_tokenizer(folder: Any, two_digit: bool) -> PreTrainedTokenizerFast:
-    """Byte-level BPE whose merges spell out whole words (and " 11".." 17", "00".."99")."""
+def _bpe_tokenizer(
+    folder: Any, two_digit: bool, extra: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE whose merges spell out whole words (and " 11".." 17", "00".."99"), and
+    `extra` words after them (the pinned digests below hold for the tokenizers without)."""
     vocab = {"<|endoftext|>": 0}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
@@ -82,7 +97,7 @@ def _bpe_tokenizer(folder: Any, two_digit: bool) -> PreTrainedTokenizerFast:
             add(f"{y:02d}")
     independent = (*INDEPENDENT_NAMES, *INDEPENDENT_PLACES, *INDEPENDENT_OBJECTS)
     common = ("and", "to", "the", "year", "gave")
-    for word in (*NAMES, *PLACES, *OBJECTS, *independent, *NOUNS, *common):
+    for word in (*NAMES, *PLACES, *OBJECTS, *independent, *NOUNS, *common, *extra):
         if word not in LEFT_OUT:
             add("Ġ" + word)
     core = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=merges))
@@ -464,6 +479,56 @@ def test_greater_than_labels_mark_the_start_year(case: Case) -> None:
         assert set(range(end + 1 - k, end)) <= set(at["other"])
         differs = (task.clean[i] != task.corrupted[i]).nonzero().flatten().tolist()
         assert differs and set(differs) <= set(at["YY"])  # corrupted only in the start's YY
+
+
+@pytest.fixture(scope="module", params=["bpe_two_digit", "bpe_one_digit", "smollm2"])
+def second_nouns_case(request: pytest.FixtureRequest, tmp_path_factory) -> Case:
+    """The cases, with the BPE vocabularies holding the second nouns as words too."""
+    if request.param == "smollm2":
+        return request.getfixturevalue("smollm2")
+    two = request.param == "bpe_two_digit"
+    tok = _bpe_tokenizer(tmp_path_factory.mktemp("bpe_second"), two, extra=SECOND_NOUNS)
+    return Case(request.param, _bridge(tok, "gpt2" if two else "llama"), two_digit=two)
+
+
+def test_greater_than_independent_shares_no_template_or_noun_and_keeps_years_and_labels(
+    second_nouns_case: Case,
+) -> None:
+    """Every prompt from one of the second templates with a second noun (all five templates
+    drawn), the start year labelled as in `greater_than`, the same answers for the same year."""
+    case = second_nouns_case
+    model = case.model
+    task = greater_than_independent(model, n=40, seed=3)
+    assert task.name == "greater_than" and task.metric == "prob_diff"
+    assert not set(SECOND_NOUNS) & set(NOUNS)
+    patterns = {t: re.compile(re.escape(t).replace(r"\{noun\}", r"(?P<noun>\w+)")
+                              .replace(r"\{century\}\{start:02d\}", r"(?P<xx>\d\d)(?P<yy>\d\d)", 1)
+                              .replace(r"\{century\}", r"(?P<end>\d\d)") + "$")
+                for t in SECOND_TEMPLATES}  # fmt: skip
+    reference = greater_than(model, n=200, seed=0)
+    def sets(task: PromptTask, i: int) -> tuple[list[int], list[int]]:  # padding dropped
+        return tuple([t for t in row[i].tolist() if t != PAD_ANSWER]  # type: ignore[return-value]
+                     for row in (task.correct, task.incorrect))  # fmt: skip
+
+    answers = {int(YEAR.match(p).group(3)): sets(reference, i)  # type: ignore[union-attr]
+               for i, p in enumerate(reference.prompts)}  # fmt: skip
+    used, checked = set(), 0
+    for i, prompt in enumerate(task.prompts):
+        (template, hit), = [(t, m) for t, m in ((t, p.match(prompt)) for t, p in patterns.items())
+                            if m]  # fmt: skip
+        used.add(template)
+        assert hit["noun"] in SECOND_NOUNS and hit["xx"] == hit["end"]
+        assert int(hit["xx"]) in CENTURIES
+        at = _where(task, i)
+        assert _text(model, task.clean[i, at["XX"]]).strip() == hit["xx"]
+        assert _text(model, task.clean[i, at["YY"]]) == hit["yy"]
+        assert at["END"] == [int(task.answer_pos[i])]
+        differs = (task.clean[i] != task.corrupted[i]).nonzero().flatten().tolist()
+        assert differs and set(differs) <= set(at["YY"])  # corrupted only in the start's YY
+        if (y := int(hit["yy"])) in answers:  # the same year asks the same question
+            assert sets(task, i) == answers[y]
+            checked += 1
+    assert used == set(SECOND_TEMPLATES) and checked >= 10
 
 
 WHEN = "When Mary and John went to the park, John gave a ball to"

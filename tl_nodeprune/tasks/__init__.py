@@ -5,7 +5,7 @@ and bench/ pick a task.
 """
 
 from .base import PromptTask
-from .greater_than import GREATER_THAN_POSITIONS, greater_than
+from .greater_than import GREATER_THAN_POSITIONS, greater_than, greater_than_independent
 from .ioi import IOI_POSITIONS, ioi, ioi_independent
 from .labels import label_tokens
 from .registry import REGISTRY, get
@@ -17,6 +17,7 @@ __all__ = [
     "PromptTask",
     "get",
     "greater_than",
+    "greater_than_independent",
     "ioi",
     "ioi_independent",
     "label_tokens",

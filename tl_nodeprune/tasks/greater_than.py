@@ -35,6 +35,21 @@ NOUNS: tuple[str, ...] = (
     "exhibition", "season", "renovation", "friendship", "contract", "agreement", "reform",
 )  # fmt: skip
 _TEMPLATE = "The {noun} lasted from the year {century}{start:02d} to the year {century}"
+# A second set, sharing no template or noun with the first, for checking circuits on prompts
+# nobody tuned on (`greater_than_independent`). Each ends on the end year's century.
+INDEPENDENT_TEMPLATES: tuple[str, ...] = (
+    "The {noun} began in {century}{start:02d} and ended in {century}",
+    "Records show that the {noun} ran from {century}{start:02d} until {century}",
+    "In {century}{start:02d} the {noun} started, and it was over by {century}",
+    "The {noun} took place between {century}{start:02d} and {century}",
+    "Work on the {noun} started in {century}{start:02d} and stopped in {century}",
+)
+INDEPENDENT_NOUNS: tuple[str, ...] = (
+    "feud", "lease", "quarantine", "scandal", "mandate", "ceasefire", "presidency", "tenure",
+    "curfew", "lockout", "colony", "settlement", "railway", "survey", "census", "ministry",
+    "drama", "romance", "contest", "auction", "league", "union", "boycott", "riot", "fever",
+    "harvest", "migration", "crusade", "inquiry", "council",
+)  # fmt: skip
 
 
 def greater_than(model: Any, n: int = 64, seed: int = 0) -> PromptTask:
@@ -45,10 +60,27 @@ def greater_than(model: Any, n: int = 64, seed: int = 0) -> PromptTask:
     sets are non-empty), correct = digits > YY // 10, incorrect = digits < YY // 10.
     Nouns are kept where they are one token after a space. The same seed gives the same task.
     """
+    return _greater_than(model, n, seed, (_TEMPLATE,), NOUNS)
+
+
+def greater_than_independent(model: Any, n: int = 64, seed: int = 0) -> PromptTask:
+    """Greater-than from five other templates and nouns, none shared with `greater_than`'s.
+
+    The same years, answers and metric: a circuit found with `greater_than` that only fits its
+    one template loses faithfulness here.
+    """
+    return _greater_than(model, n, seed, INDEPENDENT_TEMPLATES, INDEPENDENT_NOUNS)
+
+
+def _greater_than(
+    model: Any, n: int, seed: int, templates: tuple[str, ...], nouns_: tuple[str, ...]
+) -> PromptTask:
+    """The prompts of `greater_than`, each from a template of `templates` (drawn only when
+    there are several, so one template draws as it always has)."""
     if n < 1:
         raise ValueError(f"n must be a positive number of prompts, got {n}.")
     mode = year_tokens(model)
-    nouns = single_token_words(model, NOUNS)
+    nouns = single_token_words(model, nouns_)
     if not nouns:
         raise ValueError("None of the greater-than nouns is a single token for this tokenizer.")
     # Every possible next token, in numeric order: "00".."99" or "0".."9".
@@ -59,7 +91,7 @@ def greater_than(model: Any, n: int = 64, seed: int = 0) -> PromptTask:
     rng = random.Random(seed)
     clean, corrupted, above, below, labels = [], [], [], [], []
     for _ in range(n):
-        c, r, start, spans = _sample(model, rng, nouns, starts, mode)
+        c, r, start, spans = _sample(model, rng, nouns, starts, mode, templates)
         labels.append(label_tokens(model, c, spans, merged="last"))
         labels[-1][-1] = "END"
         # Above vs at-or-below the start year's last two digits (two-digit tokens), or above
@@ -110,6 +142,7 @@ def _sample(
     nouns: list[str],
     starts: range,
     mode: YearTokens,
+    templates: tuple[str, ...] = (_TEMPLATE,),
     tries: int = 100,
 ) -> tuple[str, str, int, dict[str, tuple[int, int]]]:
     """One (clean, corrupted, start, spans) row whose prompts have the same token length; the
@@ -119,18 +152,19 @@ def _sample(
     answer tokens are the ones the model is asked to predict.
     """
     for _ in range(tries):
+        template = rng.choice(templates) if len(templates) > 1 else templates[0]
         noun, century, start = rng.choice(nouns), rng.choice(CENTURIES), rng.choice(starts)
-        clean, fields = fill_template(_TEMPLATE, noun=noun, century=century, start=start)
-        corrupted = _TEMPLATE.format(noun=noun, century=century, start=1)
+        clean, fields = fill_template(template, noun=noun, century=century, start=start)
+        corrupted = template.format(noun=noun, century=century, start=1)
         nxt = f"{start + 1:02d}" if mode == "two_digit" else str(start // 10 + 1)
         clean_ids = model.to_tokens(clean)[0].tolist()
         same_length = len(clean_ids) == model.to_tokens(corrupted).shape[-1]
         continued = model.to_tokens(clean + nxt)[0].tolist()
         continues = continued == clean_ids + [single_token(model, nxt)]
         if same_length and continues:
-            # fields: noun, the start year's century, its last two digits, the end's century
-            _, xx_start, xx_end = fields[1]
-            _, yy_start, yy_end = fields[2]
+            # the start year's century is the first "century" field, its digits "start"
+            xx_start, xx_end = next((a, b) for f, a, b in fields if f == "century")
+            yy_start, yy_end = next((a, b) for f, a, b in fields if f == "start")
             return clean, corrupted, start, {"XX": (xx_start, xx_end), "YY": (yy_start, yy_end)}
     raise ValueError(
         f"No greater-than prompt with equal clean/corrupted token lengths in {tries} tries; "

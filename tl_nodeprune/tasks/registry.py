@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import PromptTask
-from .greater_than import greater_than
+from .greater_than import greater_than, greater_than_independent
 from .ioi import ioi, ioi_independent
 
 # A generator takes the model (for its tokenizer), `n` prompt pairs and a `seed`; the same seed
@@ -16,6 +16,7 @@ REGISTRY: dict[str, TaskGenerator] = {
     "ioi": ioi,
     "ioi_independent": ioi_independent,
     "greater_than": greater_than,
+    "greater_than_independent": greater_than_independent,
 }
 
 
