@@ -34,7 +34,8 @@ test: install
 # The method comparison (issue 19) on SmolLM2, IOI and greater-than, seeds 0-2: every method
 # scored on the training prompts of `discover`'s split, curves on its held-out prompts; writes
 # docs/generated/comparison.md, comparison_<task>.{md,csv,html} and the figures (hours on CPU;
-# COMPARE_ARGS adds options, e.g. COMPARE_ARGS="--edge-steps 3000 --device cuda").
+# COMPARE_ARGS adds options, e.g. COMPARE_ARGS="--edge-steps 3000 --device cuda"; on a CPU,
+# "--patching-prompts 160" scores activation patching on 160 training prompts, not 800).
 COMPARE_ARGS ?=
 compare: install
 	for task in ioi greater_than; do \
