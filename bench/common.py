@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -95,3 +96,18 @@ def pipe_table(columns: Sequence[object], rows: Iterable[Sequence[object]]) -> s
     rule = "|" + "---|" * len(columns)
     body = ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join([head, rule, *body])
+
+
+def saved_runs(paths: Sequence[str]) -> list[tuple[int, str]]:
+    """(seed, path) for log_alphas saved as ..._N.pt by the quality benches (seed N)."""
+    return [(int(re.findall(r"_(\d+)\.pt$", path)[0]), path) for path in paths]
+
+
+def saved_circuit(model: Any, path: str) -> Any:
+    """The circuit (gates above 0) of log_alphas a quality bench saved."""
+    import torch
+
+    from tl_nodeprune.selection import circuit_at
+    from tl_nodeprune.sites import ModelShape
+
+    return circuit_at(ModelShape.from_model(model), torch.load(path), 0.0)

@@ -151,7 +151,7 @@ def _settings(args: argparse.Namespace, table: pd.DataFrame) -> str:
     text = (f"Prompts per seed: {args.n_prompts}, train fraction {args.train_fraction}; node "
             f"pruning steps: {args.steps or 'default'}; fractions: "
             f"{', '.join(f'{f:g}' for f in args.fractions)}.")  # fmt: skip
-    if getattr(args, "patching_prompts", None) and "activation_patching" in args.methods:
+    if args.patching_prompts and "activation_patching" in args.methods:
         text += (f" Activation patching scored on the first {args.patching_prompts} training "
                  "prompts (the other methods on all of them).")
     if "edge_sparsity" in table:

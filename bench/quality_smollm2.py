@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
 import torch
 
 import tl_nodeprune as tnp
+from bench.common import saved_circuit, saved_runs
 from tl_nodeprune.cli import DEFAULT_PROMPTS, DEFAULT_TRAIN_FRACTION
-from tl_nodeprune.selection import circuit_at
 
 # ioi_independent's `unseen` -> the JSON key of its scores
 UNSEEN_KEYS = {"both": "independent", "templates": "unseen_templates", "names": "unseen_names"}
@@ -58,8 +57,7 @@ def main() -> None:
     make = tnp.tasks.get(args.task)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs = [(int(re.findall(r"_(\d+)\.pt$", path)[0]), path) for path in args.saved]
-    for seed, saved in runs or [(seed, None) for seed in args.seeds]:
+    for seed, saved in saved_runs(args.saved) or [(seed, None) for seed in args.seeds]:
         torch.manual_seed(seed)
         if args.n_train is None:
             task = make(model, n=args.n_prompts, seed=seed)
@@ -67,16 +65,17 @@ def main() -> None:
         else:
             task = make(model, n=args.n_train + args.n_held_out, seed=seed)
             train, held_out = task.split(args.n_train / len(task), seed=seed)
-        start = time.perf_counter()
+        seconds = None  # no fit when scoring a saved run
         if saved is None:
             config = tnp.PruneConfig(seed=seed, progress=False, **overrides)
+            start = time.perf_counter()
             result = tnp.NodePruner(model, config).fit(train)
+            seconds = time.perf_counter() - start
             circuit = result.circuit
             torch.save(result.log_alpha, out.with_name(f"quality_{args.tag}_{args.task}_{seed}.pt"))
             circuit.save(out.with_name(f"quality_{args.tag}_{args.task}_{seed}.json"))
         else:
-            circuit = circuit_at(tnp.sites.ModelShape.from_model(model), torch.load(saved), 0.0)
-        seconds = time.perf_counter() - start if saved is None else None
+            circuit = saved_circuit(model, saved)
         evaluation = tnp.evaluate(model, circuit, held_out)
         # The same circuit on its training prompts (the generalisation gap) and on templates
         # (and, for IOI, names) it was not tuned on.

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import re
 import time
 from pathlib import Path
 
 import torch
 
 import tl_nodeprune as tnp
-from tl_nodeprune.selection import circuit_at
+from bench.common import saved_circuit, saved_runs
 
 ioi_module = importlib.import_module("tl_nodeprune.tasks.ioi")  # `tasks.ioi` is the function
 
@@ -63,8 +62,7 @@ def main() -> None:
                       if n not in ioi_module.INDEPENDENT_NAMES)  # fmt: skip
     pools = (names, ioi_module.PLACES, ioi_module.OBJECTS)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    runs = [(int(re.findall(r"_(\d+)\.pt$", path)[0]), path) for path in args.saved]
-    for seed, saved in runs or [(seed, None) for seed in args.seeds]:
+    for seed, saved in saved_runs(args.saved) or [(seed, None) for seed in args.seeds]:
         torch.manual_seed(seed)
         task = ioi_module._ioi(model, args.n_train + 200, seed, "abc", ioi_module.TEMPLATES, pools)
         train, held_out = task.split(args.n_train / len(task), seed=seed)
@@ -76,7 +74,7 @@ def main() -> None:
             torch.save(result.log_alpha, args.out.with_name(f"unseen_names_{args.tag}_{seed}.pt"))
             c = result.circuit
         else:
-            c = circuit_at(tnp.sites.ModelShape.from_model(model), torch.load(saved), 0.0)
+            c = saved_circuit(model, saved)
         seconds = time.perf_counter() - start
         unseen = tnp.tasks.ioi_independent
         sets = {

@@ -73,14 +73,14 @@ def greater_than_independent(model: Any, n: int = 64, seed: int = 0) -> PromptTa
 
 
 def _greater_than(
-    model: Any, n: int, seed: int, templates: tuple[str, ...], nouns_: tuple[str, ...]
+    model: Any, n: int, seed: int, templates: tuple[str, ...], noun_pool: tuple[str, ...]
 ) -> PromptTask:
     """The prompts of `greater_than`, each from a template of `templates` (drawn only when
     there are several, so one template draws as it always has)."""
     if n < 1:
         raise ValueError(f"n must be a positive number of prompts, got {n}.")
     mode = year_tokens(model)
-    nouns = single_token_words(model, nouns_)
+    nouns = single_token_words(model, noun_pool)
     if not nouns:
         raise ValueError("None of the greater-than nouns is a single token for this tokenizer.")
     # Every possible next token, in numeric order: "00".."99" or "0".."9".
@@ -142,7 +142,7 @@ def _sample(
     nouns: list[str],
     starts: range,
     mode: YearTokens,
-    templates: tuple[str, ...] = (_TEMPLATE,),
+    templates: tuple[str, ...],
     tries: int = 100,
 ) -> tuple[str, str, int, dict[str, tuple[int, int]]]:
     """One (clean, corrupted, start, spans) row whose prompts have the same token length; the
