@@ -151,6 +151,10 @@ def _settings(args: argparse.Namespace, table: pd.DataFrame) -> str:
     text = (f"Prompts per seed: {args.n_prompts}, train fraction {args.train_fraction}; node "
             f"pruning steps: {args.steps or 'default'}; fractions: "
             f"{', '.join(f'{f:g}' for f in args.fractions)}.")  # fmt: skip
+    if args.refine:
+        text += (f" Sizes for f >= {args.target_f} with nodes ablated are bisected between grid "
+                 f"points to {args.refine:g} of the level's nodes; the KL budgets' sizes and "
+                 "the edges-ablated rows stay on the grid.")
     if args.patching_prompts and "activation_patching" in args.methods:
         text += (f" Activation patching scored on the first {args.patching_prompts} training "
                  "prompts (the other methods on all of them).")

@@ -100,6 +100,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "all); one exact pass per head and block makes it the slowest method "
                         "on a CPU")  # fmt: skip
     p.add_argument("--fractions", type=float, nargs="+", default=list(MIB_FRACTIONS))
+    p.add_argument("--refine", type=float, default=0.01,
+                   help="bisect each node curve's step to --target-f down to this share of the "
+                        "level's nodes (MIB's grid jumps from 20%% to 50%%); 0: the grid only")  # fmt: skip
     p.add_argument("--edges-ablated", action=argparse.BooleanOptionalAction, default=True,
                    help="also give each edge method (eap, eap_ig, edge_pruning) rows with its "
                    "top edges kept and every other edge ablated, beside its node-projected "
@@ -320,7 +323,8 @@ def seed_rows(
     edges: dict[str, Any] = {}  # one edge evaluator and one measured curve per method
     for level in LEVELS:
         table = compare_methods(model, held_out, list(scored.scores), args.fractions, level,
-                                target_f=args.target_f, scores=scored.scores)  # fmt: skip
+                                target_f=args.target_f, scores=scored.scores,
+                                refine=args.refine or None)  # fmt: skip
         curves[level] = pd.concat(
             [c.assign(method=m) for m, c in table.attrs["curves"].items()], ignore_index=True
         )

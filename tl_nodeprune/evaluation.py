@@ -87,10 +87,16 @@ class Evaluation:
 
 
 def circuit_logits(
-    model: Any, circuit: Circuit, task: PromptTask, ablation: Ablation, batch_size: int = 32
+    model: Any,
+    circuit: Circuit,
+    task: PromptTask,
+    ablation: Ablation,
+    batch_size: int = 32,
+    fast: bool = False,
 ) -> Tensor:
     """Answer logits with every node outside `circuit` ablated at its granularity (and, for a
-    position-aware circuit, at the positions where it is not kept)."""
+    position-aware circuit, at the positions where it is not kept); `fast` unembeds only the
+    answer positions (`objectives.forward_answers`)."""
     binary = {
         g: (t > circuit.threshold).float().to(ablation.device) for g, t in circuit.gates.items()
     }
@@ -103,7 +109,7 @@ def circuit_logits(
         masks = site_masks(circuit.shape, binary, positions=at)
         return mixing_hooks(masks, ablation.values(idx, seq))
 
-    return answer_logits(model, task, hooks, batch_size)
+    return answer_logits(model, task, hooks, batch_size, fast)
 
 
 class Evaluator:
@@ -112,6 +118,9 @@ class Evaluator:
     Comparisons and sweeps evaluate dozens of circuits; the corrupted (or mean) activations
     and the full and empty models' logits are the same for all of them, so they are made once.
     `granularities` are the ones whose hooks are cached (default: every one the model has).
+    `fast=True` unembeds only the answer positions where that reproduces the model's logits
+    (`objectives.fast_path_matches`), for the full model and every circuit alike: about a
+    sixth less time a circuit on a 49k-token vocabulary, for curves of many circuits.
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class Evaluator:
         batch_size: int = 32,
         granularities: tuple[str, ...] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        fast: bool = False,
     ) -> None:
         self.model, self.task, self.kind, self.batch_size = model, task, ablation, batch_size
         self.shape = ModelShape.from_model(model)
@@ -136,11 +146,12 @@ class Evaluator:
                 lambda hooks: capture(model, task.clean[:1, :1].to(model_device(model)), hooks),
             )
             self.reference = ReferenceRun(
-                model, task, self.names, ablation, batch_size, cache_bytes
+                model, task, self.names, ablation, batch_size, cache_bytes, fast=fast
             )
             self.ablation, self.full = self.reference.ablation, self.reference.full
+            self.fast = self.reference.fast  # False where the answer-only path differs
             self.empty = circuit_logits(
-                model, Circuit.empty(self.shape), task, self.ablation, batch_size
+                model, Circuit.empty(self.shape), task, self.ablation, batch_size, self.fast
             )
 
     def __call__(self, circuit: Circuit) -> Evaluation:
@@ -159,7 +170,9 @@ class Evaluator:
                 "pass granularities that include the circuit's."
             )
         with frozen(self.model):
-            kept = circuit_logits(self.model, circuit, self.task, self.ablation, self.batch_size)
+            kept = circuit_logits(
+                self.model, circuit, self.task, self.ablation, self.batch_size, self.fast
+            )
         return Evaluation.from_logits(self.task, self.full, kept, self.empty, self.kind)
 
 

@@ -55,7 +55,8 @@ def test_the_study_writes_its_files_and_its_table_is_compare_methods_on_the_held
     ours_mib = read_mib(next(tmp_path.glob("mib_*_seed0.json")), model)
     assert ours_mib.heads == fit.circuit.heads and ours_mib.mlp_blocks == fit.circuit.mlp_blocks
     for level in ("blocks_heads", "neurons"):
-        direct = compare_methods(model, held, list(scores), level=level, scores=scores)
+        direct = compare_methods(model, held, list(scores), level=level, scores=scores,
+                                 refine=0.01)  # the study's default bisection  # fmt: skip
         ours = table[table.level == level].set_index("method").loc[list(scores)]
         for column in COMPARED:
             expected = pd.to_numeric(direct[column]).to_numpy(dtype=float)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import tl_nodeprune as tnp
+from tl_nodeprune.evaluation import Evaluator
 from tl_nodeprune.objectives import fast_path_matches, forward_answers, kl_divergence
 from tl_nodeprune.planted import (
     add_distractors,
@@ -212,6 +213,26 @@ def test_falling_back_to_the_full_unembedding_warns(monkeypatch):
     monkeypatch.setattr(problem.model, "ln_final", nn.Identity())  # the fast path skips the norm
     with pytest.warns(UserWarning, match="does not reproduce.*differ by up to.*full unembedding"):
         assert not fast_path_matches(problem.model, problem.task)
+
+
+def test_a_fast_evaluator_scores_as_evaluate_and_falls_back_where_the_fast_path_differs(
+    monkeypatch,
+):
+    problem = planted_problem("bridge-native", seed=0, n_prompts=16)
+    model, task, circuit = problem.model, problem.task, problem.circuit
+    exact = tnp.evaluate(model, circuit, task)
+    fast = Evaluator(model, task, fast=True)
+    assert fast.fast
+    got = fast(circuit)
+    assert got.faithfulness == pytest.approx(exact.faithfulness, abs=1e-5)
+    assert got.kl == pytest.approx(exact.kl, abs=1e-5)
+    monkeypatch.setattr(model, "ln_final", nn.Identity())  # the fast path now skips the norm
+    with pytest.warns(UserWarning, match="does not reproduce"):
+        fallback = Evaluator(model, task, fast=True)
+    assert not fallback.fast
+    again = fallback(circuit)
+    exact = tnp.evaluate(model, circuit, task)
+    assert (again.faithfulness, again.kl) == (exact.faithfulness, exact.kl)
 
 
 def test_penalty_for_a_granularity_an_attention_only_model_lacks():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tl_nodeprune.circuit import Circuit
-from tl_nodeprune.curves import keep_top, size_for
+from tl_nodeprune.curves import keep_top, refine_size, size_for
 from tl_nodeprune.node_scores import NodeList, edge_node_scores, method_scores
 from tl_nodeprune.pruner import PruneResult
 from tl_nodeprune.sites import ModelShape
@@ -40,6 +40,46 @@ def test_size_for_a_curve_that_crosses_dips_and_crosses_again_is_its_first_cross
     frame = hand_curve([8, 1, 2, 4, 16], [0.95, 0.3, 0.92, 0.6, 0.99])
     assert size_for(frame, target_f=0.9) == 2
     assert size_for(frame, target_f=0.93) == 8
+
+
+def measured(f_of_n):
+    """A `measure` for refine_size that records the sizes it was asked for."""
+    asked = []
+
+    def measure(n):
+        asked.append(n)
+        return SimpleNamespace(faithfulness=f_of_n(n), kl=1 - f_of_n(n))
+
+    return measure, asked
+
+
+def test_refine_size_bisects_the_grid_step_down_to_the_true_size():
+    # f = n / 200 along the ranking: the grid (0, 40, 100, 200) first reaches 0.9 at 200;
+    # the true smallest size is 180, which a bisection to one node must find exactly
+    frame = hand_curve([0, 40, 100, 200], [0.0, 0.2, 0.5, 1.0])
+    frame["fraction"] = frame.n_nodes / 200
+    frame.attrs.update(n_total=200, cpr=0.123)
+    measure, asked = measured(lambda n: n / 200)
+    out = refine_size(frame, measure, 0.9, resolution=0.0)
+    assert size_for(out, target_f=0.9) == 180
+    assert all(100 < n < 200 for n in asked) and len(asked) <= 7  # only inside the step
+    assert out.n_nodes.is_monotonic_increasing and out.refined.sum() == len(asked)
+    assert out.attrs["cpr"] == 0.123  # the grid's summary is kept, not recomputed
+    coarse = refine_size(frame, measured(lambda n: n / 200)[0], 0.9, resolution=0.1)
+    assert size_for(coarse, target_f=0.9) in range(180, 201)
+    assert 0 < coarse.refined.sum() < len(asked)  # a coarser resolution measures less
+
+
+def test_refine_size_looks_only_below_the_first_crossing_and_leaves_a_miss_alone():
+    # f crosses at 20, dips, crosses again: the first crossing is bisected against 10
+    frame = hand_curve([10, 20, 40, 80], [0.5, 0.95, 0.6, 0.99])
+    frame.attrs["n_total"] = 80
+    measure, asked = measured(lambda n: 0.95 if n >= 17 else 0.5)
+    out = refine_size(frame, measure, 0.9, resolution=0.0)
+    assert size_for(out, target_f=0.9) == 17 and all(10 < n < 20 for n in asked)
+    never = hand_curve([10, 20], [0.1, 0.2])
+    measure, asked = measured(lambda n: 1.0)
+    assert size_for(refine_size(never, measure, 0.9), target_f=0.9) is None and asked == []
 
 
 def test_size_for_needs_exactly_one_target():

@@ -82,8 +82,11 @@ class EdgeEvaluator:
     ) -> None:
         self.model, self.batch_size = model, batch_size
         self.graph = EdgeGraph.from_model(model)
+        # The full model and every masked pass on one path (answer positions only where
+        # that reproduces the model), so f and KL compare like with like.
         self.reference = ReferenceRun(model, task, capture_names(self.graph),
-                                      batch_size=batch_size, cache_bytes=cache_bytes)  # fmt: skip
+                                      batch_size=batch_size, cache_bytes=cache_bytes,
+                                      fast=True)  # fmt: skip
         self.task, self.full = self.reference.task, self.reference.full
         with frozen(model):
             self.weights = ProjectionWeights(model, self.graph.shape)
@@ -107,7 +110,7 @@ class EdgeEvaluator:
         """Answer logits with every edge weighted by `mask` (0: ablated), without gradient."""
         with frozen(self.model):
             return masked_logits(self.model, self.graph, self.task, mask, self.reference.ablation,
-                                 self.weights, self.batch_size)  # fmt: skip
+                                 self.weights, self.batch_size, self.reference.fast)  # fmt: skip
 
     def __call__(self, edges: Circuit | Tensor) -> Evaluation:
         """Evaluate one edge circuit (or 0/1 edge mask) against the cached full and empty model."""
