@@ -104,10 +104,14 @@ def saved_runs(paths: Sequence[str]) -> list[tuple[int, str]]:
 
 
 def saved_circuit(model: Any, path: str) -> Any:
-    """The circuit (gates above 0) of log_alphas a quality bench saved."""
+    """The circuit a quality bench saved beside its log_alphas (`.json`: the run's own
+    selection, e.g. a KL budget's threshold), else the gates above 0 of the log_alphas."""
     import torch
 
+    from tl_nodeprune.circuit import Circuit
     from tl_nodeprune.selection import circuit_at
     from tl_nodeprune.sites import ModelShape
 
+    if (beside := Path(path).with_suffix(".json")).exists():
+        return Circuit.load(beside)
     return circuit_at(ModelShape.from_model(model), torch.load(path), 0.0)
