@@ -55,6 +55,7 @@ class Certificate:
     rounds: int
     prices: dict[str, float]
     evaluation: Evaluation
+    start: str = "circuit"
 
     def __str__(self) -> str:
         return self.statement
@@ -73,6 +74,7 @@ def certify(
     ablation: AblationKind | None = None,
     tolerance: float = 1e-6,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    from_full: bool = False,
 ) -> Certificate:
     """Flip single nodes of `circuit` while one lowers loss + price on `task`, then certify.
 
@@ -89,6 +91,12 @@ def certify(
     closed nodes, smallest for kept ones); the rest are counted in `unchecked`. `ablation`
     defaults to the circuit's own, else corrupted. Position-aware: a flip is a node at one of
     P positions (`a3.h5@END`), priced at `price[g] / P`, as training prices it.
+
+    `from_full` runs the same search a second time from the full model (every gated node
+    kept) and keeps whichever ends at the lower objective (`start` says which). A chain of
+    nodes that work only together (head -> MLP -> head) is a local optimum once broken: no
+    single reopening restores it. Removing nodes one at a time from the full model keeps it.
+    It costs a removal check per node, so it suits heads and blocks more than neurons.
     """
     check_objective(objective)
     gated = circuit.granularities
@@ -98,6 +106,55 @@ def certify(
     evaluator(circuit)  # validates the circuit against the model and the cache
     search = _Search(evaluator, objective, prices, circuit.meta, circuit.positions)
     own: Own = {g: circuit.kept_at(g) for g in gated}  # hierarchy applied: one state a circuit
+    found = _descend(search, own, flipped, max_rounds, max_candidates, tolerance)
+    start = "circuit"
+    if from_full:
+        full = {g: torch.ones_like(t) for g, t in own.items()}
+        other = _descend(search, full, flipped, max_rounds, max_candidates, tolerance)
+        if search.objective(other.own, other.loss) < search.objective(found.own, found.loss):
+            found, start = other, "full model"
+    statement = _statement(found.converged, found.unchecked, found.rounds, max_candidates)
+    if from_full:
+        statement += f" (of two searches, from the circuit and from the full model: the {start}'s)"
+    repaired = search.circuit(
+        found.own, {**circuit.meta, "ablation": kind, "certificate": statement}
+    )
+    return Certificate(
+        circuit=repaired,
+        flips=pd.DataFrame(found.rows, columns=list(FLIP_COLUMNS)),
+        locally_optimal=found.converged and sum(found.unchecked.values()) == 0,
+        unchecked=dict(found.unchecked),
+        statement=statement,
+        objective=search.objective(found.own, found.loss),
+        loss=found.loss,
+        rounds=found.rounds,
+        prices=prices,
+        evaluation=evaluator(repaired),
+        start=start,
+    )
+
+
+@dataclass
+class _Descent:
+    """Where one search of single flips ended."""
+
+    own: Own
+    loss: float
+    rows: list[tuple]
+    unchecked: dict[str, int]
+    converged: bool
+    rounds: int
+
+
+def _descend(
+    search: _Search,
+    own: Own,
+    flipped: tuple[str, ...],
+    max_rounds: int,
+    max_candidates: int,
+    tolerance: float,
+) -> _Descent:
+    """Rounds of `_round` from `own` until a sweep improves nothing (or `max_rounds`)."""
     loss, rows, unchecked = search.loss(own), [], dict.fromkeys(flipped, 0)
     converged, rounds = False, 0
     while rounds < max_rounds and not converged:
@@ -106,20 +163,7 @@ def certify(
         own, loss, accepted, improving = _round(search, own, loss, moves, tolerance)
         rows += [(rounds, *row) for row in accepted]
         converged = not improving
-    statement = _statement(converged, unchecked, rounds, max_candidates)
-    repaired = search.circuit(own, {**circuit.meta, "ablation": kind, "certificate": statement})
-    return Certificate(
-        circuit=repaired,
-        flips=pd.DataFrame(rows, columns=list(FLIP_COLUMNS)),
-        locally_optimal=converged and sum(unchecked.values()) == 0,
-        unchecked=dict(unchecked),
-        statement=statement,
-        objective=search.objective(own, loss),
-        loss=loss,
-        rounds=rounds,
-        prices=prices,
-        evaluation=evaluator(repaired),
-    )
+    return _Descent(own, loss, rows, unchecked, converged, rounds)
 
 
 def _settings(

@@ -390,6 +390,14 @@ class PruneConfig:
             _Check("None or a positive int", lambda v: v is None or (isinstance(v, int) and v > 0)),
         ),
     )
+    certify_from_full: bool = field(
+        default=False,
+        metadata=_meta(
+            "With certify, search a second time from the full model and keep the lower "
+            "objective: recovers chains of nodes that work only together, which no single "
+            "reopening restores once training closed them (a removal check per node).",
+        ),
+    )
     certify_candidates: int = field(
         default=64,
         metadata=_meta(
@@ -608,7 +616,7 @@ class NodePruner:
         return certify(
             self.model, circuit, validation, cfg.objective, price,
             batch_size=run.nograd, max_candidates=cfg.certify_candidates,
-            ablation=cfg.ablation, cache_bytes=cfg.cache_bytes,
+            ablation=cfg.ablation, cache_bytes=cfg.cache_bytes, from_full=cfg.certify_from_full,
         )  # fmt: skip
 
 

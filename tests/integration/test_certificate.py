@@ -7,6 +7,7 @@ import torch
 
 from tl_nodeprune.certificate import OPTIMAL, certify
 from tl_nodeprune.circuit import Circuit
+from tl_nodeprune.compiled import compiled_problem
 from tl_nodeprune.evaluation import Evaluator
 from tl_nodeprune.granularities import ancestors, parse_node_name, spec
 from tl_nodeprune.planted import add_distractors, planted_problem
@@ -161,3 +162,25 @@ def test_position_aware_certificate_by_brute_force_over_node_positions(distracte
             assert cost(other) > best - 1e-6, f"flipping {g} {index} improves"
             flips += 1
     assert flips == 3 * (3 + 3 + 12 + 96)
+
+
+@pytest.mark.parametrize("name", ["deep", "deep_soft"])
+def test_a_broken_chain_no_single_flip_mends_is_found_again_from_the_full_model(name):
+    # compiled chain head -> MLP -> head ...: with two of its heads closed, no single reopening
+    # restores the chain, so the search from the circuit stays broken (or empties it); the
+    # second search removes nodes one at a time from the full model and keeps the chain
+    problem = compiled_problem(name, "bridge-native", seed=0)
+    truth = problem.circuit
+    heads = [n for n in truth.nodes if parse_node_name(n)[0] == "head"]
+    broken = Circuit.from_nodes(
+        truth.shape, [n for n in truth.nodes if n not in heads[:2]], truth.granularities
+    )
+    alone = certify(problem.model, broken, problem.task)
+    assert alone.locally_optimal and alone.start == "circuit"
+    assert not set(heads) <= set(alone.circuit.nodes)
+    both = certify(problem.model, broken, problem.task, from_full=True)
+    assert both.start == "full model" and both.circuit.nodes == truth.nodes
+    assert both.objective < alone.objective and both.evaluation.kl < 1e-3
+    assert "from the full model: the full model's" in both.statement
+    kept = certify(problem.model, truth, problem.task, from_full=True)  # truth wins its own start
+    assert kept.start == "circuit" and kept.circuit.nodes == truth.nodes and kept.flips.empty

@@ -171,6 +171,7 @@ SETTINGS = {
     "validation_split": (["--validation-split", "groups"], "groups"),
     "gate_noise": (["--gate-noise", "example"], "example"),
     "certify": (["--certify"], True),
+    "certify_from_full": (["--certify-from-full"], True),
     "certify_candidates": (["--certify-candidates", "12"], 12),
     "positions": (["--positions", "named"], "named"),
 }
