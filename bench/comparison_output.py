@@ -153,8 +153,9 @@ def _settings(args: argparse.Namespace, table: pd.DataFrame) -> str:
             f"{', '.join(f'{f:g}' for f in args.fractions)}.")  # fmt: skip
     if args.refine:
         text += (f" Sizes for f >= {args.target_f} with nodes ablated are bisected between grid "
-                 f"points to {args.refine:g} of the level's nodes; the KL budgets' sizes and "
-                 "the edges-ablated rows stay on the grid.")
+                 f"points to {args.refine:g} of the level's nodes (the irrelevant neurons to "
+                 f"{args.refine:g} of a circuit's neurons); the KL budgets' sizes and the "
+                 "edges-ablated rows stay on the grid.")
     if args.patching_prompts and "activation_patching" in args.methods:
         text += (f" Activation patching scored on the first {args.patching_prompts} training "
                  "prompts (the other methods on all of them).")

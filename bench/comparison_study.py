@@ -102,7 +102,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fractions", type=float, nargs="+", default=list(MIB_FRACTIONS))
     p.add_argument("--refine", type=float, default=0.01,
                    help="bisect each node curve's step to --target-f down to this share of the "
-                        "level's nodes (MIB's grid jumps from 20%% to 50%%); 0: the grid only")  # fmt: skip
+                        "level's nodes (MIB's grid jumps from 20%% to 50%%), and the irrelevant "
+                        "neurons' search to this share of a circuit's neurons; 0: the grid, "
+                        "and one neuron")  # fmt: skip
     p.add_argument("--edges-ablated", action=argparse.BooleanOptionalAction, default=True,
                    help="also give each edge method (eap, eap_ig, edge_pruning) rows with its "
                    "top edges kept and every other edge ablated, beside its node-projected "
@@ -411,7 +413,7 @@ def run_seed(args: argparse.Namespace, seed: int, model: Any) -> tuple[Any, ...]
         evaluator = curve_evaluator(model, held_out, "neurons")
         neurons = irrelevant_neurons(model, held_out, coarse_circuits(model, scored, rows),
                                      scored.scores["node_pruning"], args.target_f,
-                                     evaluator)  # fmt: skip
+                                     evaluator, args.refine)  # fmt: skip
         per_layer = neurons.attrs.pop("per_layer").assign(seed=seed)
         neurons = neurons.reset_index().assign(seed=seed)
     return model, rows, curves, neurons, per_layer

@@ -7,9 +7,12 @@ kept blocks only the top k neurons by node pruning's neuron scores run (`method_
 "node_pruning")`, a neuron's log_alpha capped by its block's), the others are ablated. The
 neurons node pruning needs is the smallest measured k whose faithfulness reaches the coarse
 circuit's own, capped at `target_f`: the same faithfulness, on the same prompts, with the
-same heads, so the difference is neurons alone. k is found on a doubling grid (0, 1, 2, 4, ...,
-all) and then by bisection between the last size that missed and the first that reached it,
-so k - 1 was measured and missed (f need not be monotone in k; only measured sizes count).
+same heads, so the difference is neurons alone. k is found by halving from all of them until a
+size misses, then by bisection between that miss and the smallest size above it that reached
+the target, so k - 1 was measured and missed (f need not be monotone in k; only measured sizes
+count). Coarse circuits keep most of their neurons in practice, so searching down from the top
+measures far fewer sizes than a grid up from one; `resolution` stops the bisection when the
+two sizes are that share of the circuit's neurons apart (0: one neuron).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def neurons_needed(
     neuron_scores: pd.Series,
     target_f: float = 0.9,
     evaluator: Evaluator | None = None,
+    resolution: float = 0.0,
 ) -> NeuronsNeeded:
     """How many of `circuit`'s MLP neurons node pruning needs for its faithfulness (module doc).
 
@@ -112,7 +116,7 @@ def neurons_needed(
 
     coarse_f = measure(total).faithfulness
     target = min(coarse_f, target_f)
-    needed = _smallest(measure, total, target)
+    needed = smallest_reaching(measure, total, target, max(1, int(resolution * total)))
     measured = pd.DataFrame(
         [{"k": k, "faithfulness": r.faithfulness, "kl": r.kl} for k, r in sorted(results.items())]
     )
@@ -128,17 +132,20 @@ def neurons_needed(
     )  # fmt: skip
 
 
-def _smallest(measure: Any, total: int, target: float) -> int | None:
-    """The smallest k on a doubling grid reaching `target`, then bisected down to one past a
-    measured miss; None when no size reaches it (NaN never does)."""
-    grid = sorted({0, total, *(2**i for i in range(max(total, 1).bit_length()) if 2**i < total)})
-    hit = next((k for k in grid if measure(k).faithfulness >= target), None)
-    if hit is None:
+def smallest_reaching(measure: Any, total: int, target: float, step: int = 1) -> int | None:
+    """The smallest measured k reaching `target`: halve from `total` until a size misses, then
+    bisect until the miss and the hit are at most `step` apart; None when `total` misses (NaN
+    always does)."""
+    if not measure(total).faithfulness >= target:
         return None
-    low = max((k for k in grid if k < hit), default=None)
-    if low is None:
-        return hit
-    while hit - low > 1:
+    hit, low = total, -1
+    while hit > 0 and low < 0:
+        k = hit // 2
+        if measure(k).faithfulness >= target:
+            hit = k
+        else:
+            low = k
+    while low >= 0 and hit - low > step:
         mid = (low + hit) // 2
         if measure(mid).faithfulness >= target:
             hit = mid
@@ -154,6 +161,7 @@ def irrelevant_neurons(
     neuron_scores: pd.Series,
     target_f: float = 0.9,
     evaluator: Evaluator | None = None,
+    resolution: float = 0.0,
 ) -> pd.DataFrame:
     """One row per coarse circuit: its MLP blocks and neurons, the neurons node pruning needs
     there for the same faithfulness, and the share of them that are irrelevant.
@@ -165,7 +173,8 @@ def irrelevant_neurons(
     evaluator = evaluator or curve_evaluator(model, task, "neurons")
     rows, layers = [], {}
     for name, circuit in circuits.items():
-        found = neurons_needed(model, task, circuit, neuron_scores, target_f, evaluator)
+        found = neurons_needed(model, task, circuit, neuron_scores, target_f, evaluator,
+                               resolution)  # fmt: skip
         coarse = found.coarse_neurons
         rows.append({
             "circuit": name, "mlp_blocks": len(found.blocks), "coarse_neurons": coarse,
@@ -183,4 +192,10 @@ def irrelevant_neurons(
     return table
 
 
-__all__ = ["NeuronsNeeded", "irrelevant_neurons", "neurons_needed", "top_neurons"]
+__all__ = [
+    "NeuronsNeeded",
+    "irrelevant_neurons",
+    "neurons_needed",
+    "smallest_reaching",
+    "top_neurons",
+]
