@@ -154,8 +154,9 @@ def _settings(args: argparse.Namespace, table: pd.DataFrame) -> str:
     if args.refine:
         text += (f" Sizes for f >= {args.target_f} with nodes ablated are bisected between grid "
                  f"points to {args.refine:g} of the level's nodes (the irrelevant neurons to "
-                 f"{args.refine:g} of a circuit's neurons); the KL budgets' sizes and the "
-                 "edges-ablated rows stay on the grid.")
+                 f"{args.refine:g} of a circuit's neurons); the KL budgets' sizes are read "
+                 "off the same measured points, not bisected for, and the edges-ablated rows "
+                 "stay on the grid.")
     if args.patching_prompts and "activation_patching" in args.methods:
         text += (f" Activation patching scored on the first {args.patching_prompts} training "
                  "prompts (the other methods on all of them).")

@@ -195,7 +195,8 @@ def compare_methods(
     and measured through one `Evaluator`; the curves are in `attrs["curves"]`. `scores` gives
     a method's scores made beforehand (e.g. on training prompts, measured here on held-out ones).
     `refine` (a share of the level's nodes, e.g. 0.01) bisects each curve's step to target_f
-    down to that resolution (`refine_size`); the KL budgets' sizes stay on the grid.
+    down to that resolution (`refine_size`); the KL budgets' sizes are read off the same
+    measured points, not bisected for.
     """
     settings = settings or {}
     budgets = [max_kl] if isinstance(max_kl, (int, float)) else list(max_kl)
