@@ -134,6 +134,18 @@ def size_for(
     return int(hits.iloc[0]) if len(hits) else None
 
 
+def bisect_reaching(reaches: Callable[[int], bool], low: int, hit: int, step: int = 1) -> int:
+    """The smallest size found to reach a target between a size `low` that missed and a size
+    `hit` that reached it, halving the gap until the two are at most `step` apart."""
+    while hit - low > step:
+        mid = (low + hit) // 2
+        if reaches(mid):
+            hit = mid
+        else:
+            low = mid
+    return hit
+
+
 def refine_size(
     curve: pd.DataFrame,
     measure: Callable[[int], Evaluation],
@@ -156,17 +168,16 @@ def refine_size(
     below = frame.n_nodes[frame.n_nodes < hit]
     low = int(below.iloc[-1]) if len(below) else None
     total = int(curve.attrs.get("n_total", frame.n_nodes.max()))
-    step = max(1, int(resolution * total))
-    rows = []
-    while low is not None and hit - low > step:
-        mid = (low + hit) // 2
-        result = measure(mid)
-        rows.append({"fraction": mid / total, "n_nodes": mid, "faithfulness": result.faithfulness,
+    rows: list[dict[str, Any]] = []
+
+    def reaches(n: int) -> bool:
+        result = measure(n)
+        rows.append({"fraction": n / total, "n_nodes": n, "faithfulness": result.faithfulness,
                      "kl": result.kl, "refined": True})  # fmt: skip
-        if result.faithfulness >= target_f:
-            hit = mid
-        else:
-            low = mid
+        return result.faithfulness >= target_f
+
+    if low is not None:
+        bisect_reaching(reaches, low, hit, max(1, int(resolution * total)))
     out = pd.concat([frame, pd.DataFrame(rows)], ignore_index=True) if rows else frame
     out = out.sort_values("n_nodes", kind="stable").reset_index(drop=True)
     out.attrs = dict(curve.attrs)
@@ -240,6 +251,7 @@ def _at(frame: pd.DataFrame, n: int | None, column: str) -> float:
 
 __all__ = [
     "LEVELS",
+    "bisect_reaching",
     "compare_methods",
     "curve",
     "curve_evaluator",

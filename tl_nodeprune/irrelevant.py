@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from .circuit import Circuit
-from .curves import curve_evaluator
+from .curves import bisect_reaching, curve_evaluator
 from .evaluation import Evaluation, Evaluator
 from .node_scores import NodeList
 from .tasks.base import PromptTask
@@ -145,13 +145,9 @@ def smallest_reaching(measure: Any, total: int, target: float, step: int = 1) ->
             hit = k
         else:
             low = k
-    while low >= 0 and hit - low > step:
-        mid = (low + hit) // 2
-        if measure(mid).faithfulness >= target:
-            hit = mid
-        else:
-            low = mid
-    return hit
+    if low < 0:
+        return hit  # every halving reached it, down to 0
+    return bisect_reaching(lambda k: measure(k).faithfulness >= target, low, hit, step)
 
 
 def irrelevant_neurons(
