@@ -74,7 +74,7 @@ def fit_batched_seeds(
                 run.validate(step)
         for run in runs.values():
             run.history.read()
-    return {s: pruners[s]._result(runs[s], parts[s][1], start) for s in seeds}
+    return {s: pruners[s].finish(runs[s], start) for s in seeds}
 
 
 def batched_step(runs: Sequence[PruneRun], step: int) -> None:

@@ -111,7 +111,7 @@ def certify(
     if from_full:
         full = {g: torch.ones_like(t) for g, t in own.items()}
         other = _descend(search, full, flipped, max_rounds, max_candidates, tolerance)
-        if search.objective(other.own, other.loss) < search.objective(found.own, found.loss):
+        if other.objective < found.objective:
             found, start = other, "full model"
     statement = _statement(found.converged, found.unchecked, found.rounds, max_candidates)
     if from_full:
@@ -125,7 +125,7 @@ def certify(
         locally_optimal=found.converged and sum(found.unchecked.values()) == 0,
         unchecked=dict(found.unchecked),
         statement=statement,
-        objective=search.objective(found.own, found.loss),
+        objective=found.objective,
         loss=found.loss,
         rounds=found.rounds,
         prices=prices,
@@ -144,6 +144,7 @@ class _Descent:
     unchecked: dict[str, int]
     converged: bool
     rounds: int
+    objective: float  # loss plus the kept nodes' price, at `own`
 
 
 def _descend(
@@ -163,7 +164,7 @@ def _descend(
         own, loss, accepted, improving = _round(search, own, loss, moves, tolerance)
         rows += [(rounds, *row) for row in accepted]
         converged = not improving
-    return _Descent(own, loss, rows, unchecked, converged, rounds)
+    return _Descent(own, loss, rows, unchecked, converged, rounds, search.objective(own, loss))
 
 
 def _settings(

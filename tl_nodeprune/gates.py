@@ -100,6 +100,11 @@ class GateSet(nn.Module):
         with torch.no_grad():
             return {g: self.hard_concrete.deterministic(la) for g, la in self.log_alpha.items()}
 
+    def kept_fraction(self, threshold: float) -> dict[str, Tensor]:
+        """Per granularity, the share of deterministic gates above `threshold`: what a circuit
+        thresholded there keeps (the history's `kept_<g>`, the validation check's price)."""
+        return {g: (t > threshold).float().mean() for g, t in self.deterministic().items()}
+
     def clamp_(self, low: float, high: float) -> None:
         """Bound every log_alpha in place, so that a closed gate keeps a chance to reopen.
 

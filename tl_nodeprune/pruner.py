@@ -518,7 +518,7 @@ class NodePruner:
                 run.step(step)
                 run.validate(step)
             run.history.read()
-        return self._result(run, validation, start)
+        return self.finish(run, start)
 
     @contextlib.contextmanager
     def training(
@@ -537,12 +537,12 @@ class NodePruner:
         with frozen(self.model), distributed.guard(n_gates, model_device(self.model)):
             yield PruneRun(self, task, reference, validation)
 
-    def _result(
-        self, run: PruneRun, validation: PromptTask | None, start: float
-    ) -> PruneResult:
-        """The trained run's circuit: thresholded gates (those of the best validation check
-        under validate_every), or the selection on `validation`."""
+    def finish(self, run: PruneRun, start: float) -> PruneResult:
+        """A trained run's result: its circuit from the thresholded gates (those of the best
+        validation check under validate_every), or the selection on the run's validation
+        prompts, then certified when asked; `seconds` counts from `start` (perf_counter)."""
         cfg = self.config
+        validation = run.validation
         stopped = {}
         if run.watch is not None:
             run.watch.restore(run.gates)
@@ -650,6 +650,7 @@ class PruneRun:
     ) -> None:
         cfg, model, shape = pruner.config, pruner.model, pruner.shape
         self.cfg, self.model, self.shape = cfg, model, shape
+        self.validation = validation
         grans = pruner.granularities
         # The gates' device (the input's); logits come out on the last block's, which under a
         # device_map is another one, so the loss terms are brought here before they are added.
@@ -852,11 +853,11 @@ class PruneRun:
 
     def _columns(self, l0: dict[str, Tensor], step: int) -> dict[str, Tensor | float]:
         """History columns beside the loss: expected L0, kept fraction and weight per level."""
-        det = self.gates.deterministic()
+        kept = self.gates.kept_fraction(self.cfg.threshold)
         out: dict[str, Tensor | float] = {}
         for g in SPECS:  # in declaration order, whatever order the run gates them in
             if g in l0:
                 out[f"expected_l0_{g}"] = l0[g]
-                out[f"kept_{g}"] = (det[g] > self.cfg.threshold).float().mean()
+                out[f"kept_{g}"] = kept[g]
                 out[f"lambda_{g}"] = self.sparsity.weight(g, step)
         return out

@@ -78,8 +78,8 @@ class BestOnValidation:
         """Score the deterministic circuit of `gates` now; remember its gates if best so far."""
         det = gates.deterministic()
         circuit = Circuit(self.shape, det, self.threshold, positions=self.positions)
-        kept = {g: (t > self.threshold).float().mean().item() for g, t in det.items()}
-        price = sum(self.prices[g] * kept[g] for g in det)
+        kept = gates.kept_fraction(self.threshold)
+        price = sum(self.prices[g] * kept[g].item() for g in det)
         result = Check(step, self.evaluator(circuit).kl, price, len(circuit.nodes))
         if not self.checks or result.objective <= min(c.objective for c in self.checks):
             self.best = {g: la.detach().clone() for g, la in gates.log_alpha.items()}
