@@ -56,6 +56,12 @@ class HardConcrete:
         return torch.sigmoid(log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
 
+def kept_fraction(gates: dict[str, Tensor], threshold: float) -> dict[str, Tensor]:
+    """Per granularity, the share of `gates` (deterministic ones) above `threshold`: what a
+    circuit thresholded there keeps (the history's `kept_<g>`, the validation check's price)."""
+    return {g: (t > threshold).float().mean() for g, t in gates.items()}
+
+
 class GateSet(nn.Module):
     """One `log_alpha` tensor per granularity, shaped like `ModelShape.units`; with
     `n_positions`, one per position and node, (n_positions, *units) (`tl_nodeprune.positions`).
@@ -99,11 +105,6 @@ class GateSet(nn.Module):
         """Noise-free gates, detached."""
         with torch.no_grad():
             return {g: self.hard_concrete.deterministic(la) for g, la in self.log_alpha.items()}
-
-    def kept_fraction(self, threshold: float) -> dict[str, Tensor]:
-        """Per granularity, the share of deterministic gates above `threshold`: what a circuit
-        thresholded there keeps (the history's `kept_<g>`, the validation check's price)."""
-        return {g: (t > threshold).float().mean() for g, t in self.deterministic().items()}
 
     def clamp_(self, low: float, high: float) -> None:
         """Bound every log_alpha in place, so that a closed gate keeps a chance to reopen.

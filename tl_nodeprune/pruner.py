@@ -29,7 +29,7 @@ from .certificate import Certificate, certify
 from .checkpoint import CheckpointMode, blocks_to_checkpoint, check_checkpoint, checkpointed_blocks
 from .circuit import Circuit
 from .evaluation import OVERSHOOT, circuit_logits
-from .gates import GateSet, HardConcrete
+from .gates import GateSet, HardConcrete, kept_fraction
 from .granularities import SPECS, spec
 from .objectives import (
     Objective,
@@ -853,7 +853,7 @@ class PruneRun:
 
     def _columns(self, l0: dict[str, Tensor], step: int) -> dict[str, Tensor | float]:
         """History columns beside the loss: expected L0, kept fraction and weight per level."""
-        kept = self.gates.kept_fraction(self.cfg.threshold)
+        kept = kept_fraction(self.gates.deterministic(), self.cfg.threshold)
         out: dict[str, Tensor | float] = {}
         for g in SPECS:  # in declaration order, whatever order the run gates them in
             if g in l0:

@@ -19,7 +19,7 @@ from torch import Tensor
 from .ablation import AblationKind
 from .circuit import Circuit
 from .evaluation import Evaluator
-from .gates import GateSet
+from .gates import GateSet, kept_fraction
 from .positions import PositionAxis
 from .sites import ModelShape
 from .tasks.base import PromptTask
@@ -78,7 +78,7 @@ class BestOnValidation:
         """Score the deterministic circuit of `gates` now; remember its gates if best so far."""
         det = gates.deterministic()
         circuit = Circuit(self.shape, det, self.threshold, positions=self.positions)
-        kept = gates.kept_fraction(self.threshold)
+        kept = kept_fraction(det, self.threshold)
         price = sum(self.prices[g] * kept[g].item() for g in det)
         result = Check(step, self.evaluator(circuit).kl, price, len(circuit.nodes))
         if not self.checks or result.objective <= min(c.objective for c in self.checks):
