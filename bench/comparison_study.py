@@ -27,7 +27,11 @@ seed as a MIB graph file (mib_<task>_seed<N>.json, for the MIB circuit track); `
 adds circuits from other tools' MIB files as rows. `--cache DIR` keeps each method's scores
 per seed as JSON and reuses them when rerun with the same settings: on two CPU cores one
 SmolLM2 seed takes hours (activation patching alone ~45 s a node on 800 prompts), so the study
-can stop and go on.
+can stop and go on. Each finished seed's measurements go to `--out` as
+comparison_<task>_seed<N>.json with the settings they were measured under; a rerun with the
+same settings reads them instead of measuring again (`--no-reuse-seeds`: measure every seed).
+The method cache is large and stays on its machine; the seed files are small and committed, so
+a study spread over several machines adds a seed at a time.
 """
 
 from __future__ import annotations
@@ -120,6 +124,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=None,
                    help="keep each method's scores here (JSON) and reuse them on a rerun with "
                         "the same settings, so a long study can stop and go on")  # fmt: skip
+    p.add_argument("--reuse-seeds", action=argparse.BooleanOptionalAction, default=True,
+                   help="read a seed's measurements from --out/comparison_TASK_seedN.json when "
+                        "it was measured under the same settings, instead of measuring it "
+                        "again (--no-reuse-seeds: measure every seed)")  # fmt: skip
     args = p.parse_args(argv)
     if args.model == PLANTED:
         args.task = PLANTED
@@ -419,6 +427,68 @@ def run_seed(args: argparse.Namespace, seed: int, model: Any) -> tuple[Any, ...]
     return model, rows, curves, neurons, per_layer
 
 
+def _seed_path(args: argparse.Namespace, seed: int) -> Path:
+    return args.out / f"comparison_{args.task}_seed{seed}.json"
+
+
+def study_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What one seed's measurements depend on: every method's scoring settings (as `--cache`
+    keys them) and the curves' own."""
+    curves = {k: getattr(args, k) for k in ("fractions", "refine", "edges_ablated", "target_f",
+                                            "mib")}  # fmt: skip
+    return {"methods": {m: _cache_settings(args, m) for m in args.methods}, "curves": curves}
+
+
+def _frame_json(frame: pd.DataFrame) -> dict[str, Any]:
+    """A frame as exact JSON: full-precision floats, column labels and index kept as they are."""
+    return {"columns": frame.columns.tolist(), "index": frame.index.tolist(),
+            "index_name": frame.index.name,
+            "data": frame.astype(object).to_numpy().tolist()}  # fmt: skip
+
+
+def _json_frame(data: dict[str, Any]) -> pd.DataFrame:
+    index = pd.Index(data["index"], name=data["index_name"])
+    frame = pd.DataFrame(data["data"], columns=data["columns"], index=index)
+    return frame.infer_objects() if len(frame) else frame
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (np.int64, np.bool_) as the Python values json writes."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def write_seed(args: argparse.Namespace, seed: int, rows: list[dict[str, Any]],
+               curves: dict[str, pd.DataFrame], neurons: pd.DataFrame,
+               per_layer: pd.DataFrame) -> Path:  # fmt: skip
+    """Keep one seed's measurements beside the study's files (`--out`), with the settings they
+    were measured under, so a later run (another session, another machine) reads them instead
+    of spending hours measuring them again."""
+    data = {"settings": study_settings(args), "rows": rows,
+            "curves": {level: _frame_json(c) for level, c in curves.items()},
+            "neurons": _frame_json(neurons), "per_layer": _frame_json(per_layer)}  # fmt: skip
+    path = _seed_path(args, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, default=_plain))
+    return path
+
+
+def read_seed(args: argparse.Namespace, seed: int) -> tuple[Any, ...] | None:
+    """(rows, curves by level, irrelevant neurons, neurons per layer) of a seed measured earlier
+    under the same settings, or None."""
+    path = _seed_path(args, seed)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data["settings"] != json.loads(json.dumps(study_settings(args))):
+        print(f"seed {seed}: {path} was measured under other settings; measuring again")
+        return None
+    curves = {level: _json_frame(c) for level, c in data["curves"].items()}
+    return (data["rows"], curves, _json_frame(data["neurons"]),
+            _json_frame(data["per_layer"]))  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """Run the study and write its files; returns them by kind."""
     args = parse(argv)
@@ -427,7 +497,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     )
     model, rows, curves, neurons, layers = None, [], [], [], []
     for seed in args.seeds:
-        model, seed_table, seed_curves, seed_neurons, per_layer = run_seed(args, seed, model)
+        measured = read_seed(args, seed) if args.reuse_seeds else None
+        if measured is None:
+            model, *measured = run_seed(args, seed, model)
+            write_seed(args, seed, *measured)
+        else:
+            print(f"seed {seed}: read from {_seed_path(args, seed)}", flush=True)
+        seed_table, seed_curves, seed_neurons, per_layer = measured
         rows += seed_table
         curves += [c.assign(level=level, seed=seed) for level, c in seed_curves.items()]
         if len(seed_neurons):

@@ -184,3 +184,30 @@ def test_patching_prompts_scores_activation_patching_alone_on_the_first_training
     other = comparison_study.parse([*argv, "--patching-prompts", "20"])
     comparison_study.score_methods(model, train, other, 0)
     assert calls == [("activation_patching", 20)]  # random read back from the cache
+
+
+def test_a_seed_measured_earlier_is_read_back_exactly_and_only_under_the_same_settings(
+    tmp_path, monkeypatch
+):
+    """The seed files in --out let a study that outlives one machine go on: a rerun reads each
+    seed's measurements instead of measuring it, and writes byte-identical tables; a seed
+    measured under other settings (here other fractions) is measured again."""
+    argv = ["--model", "planted", "--seeds", "0", "--steps", str(STEPS), "--edge-steps", "10",
+            "--methods", "node_pruning", "eap", "edge_pruning", "random", "--no-png",
+            "--out", str(tmp_path)]  # fmt: skip
+    first = comparison_study.main(argv)
+    assert (tmp_path / "comparison_planted_seed0.json").exists()
+    written = {k: first[k].read_bytes() for k in ("csv", "curves_csv", "neurons_csv")}
+    layers = (tmp_path / "comparison_planted_neurons_per_layer.csv").read_bytes()
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(comparison_study, "run_seed", never)
+    second = comparison_study.main(argv)
+    assert {k: second[k].read_bytes() for k in written} == written
+    assert (tmp_path / "comparison_planted_neurons_per_layer.csv").read_bytes() == layers
+    with pytest.raises(AssertionError, match="measured again"):
+        comparison_study.main([*argv, "--fractions", "0.1", "0.5", "1"])
+    with pytest.raises(AssertionError, match="measured again"):
+        comparison_study.main([*argv, "--no-reuse-seeds"])
