@@ -35,7 +35,8 @@ test: install
 # scored on the training prompts of `discover`'s split, curves on its held-out prompts; writes
 # docs/generated/comparison.md, comparison_<task>.{md,csv,html} and the figures (hours on CPU;
 # COMPARE_ARGS adds options, e.g. COMPARE_ARGS="--edge-steps 3000 --device cuda"; on a CPU,
-# "--patching-prompts 160" scores activation patching on 160 training prompts, not 800).
+# "--patching-prompts 160" scores activation patching on 160 training prompts, not 800). A seed
+# measured before under the same settings is read from docs/generated/comparison_<task>_seed<N>.json.
 COMPARE_ARGS ?=
 compare: install
 	for task in ioi greater_than; do \
