@@ -292,15 +292,24 @@ def _cache_path(args: argparse.Namespace, seed: int, method: str) -> Path:
     return args.cache / f"{args.task}_seed{seed}_{method.replace(' ', '_')}.json"
 
 
+def read_if_same(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON at `path` (the method cache's or a seed file) when it was written under
+    `settings`, compared as JSON reads them back (tuples as lists); else None."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if data["settings"] == json.loads(json.dumps(settings)) else None
+
+
 def read_cached(
     args: argparse.Namespace, seed: int, method: str
 ) -> tuple[pd.Series, dict[str, float], Circuit | None] | None:
     """(scores, cost, the method's own circuit) from `--cache`, or None when `--cache` is off,
     the file is missing or it was made under other settings."""
-    if args.cache is None or not (path := _cache_path(args, seed, method)).exists():
+    if args.cache is None:
         return None
-    data = json.loads(path.read_text())
-    if data["settings"] != _cache_settings(args, method):
+    data = read_if_same(_cache_path(args, seed, method), _cache_settings(args, method))
+    if data is None:
         return None
     scores = pd.Series(data["values"], index=pd.Index(data["index"], name=data["index_name"]),
                        name=data["name"], dtype=float)  # fmt: skip
@@ -449,7 +458,7 @@ def _frame_json(frame: pd.DataFrame) -> dict[str, Any]:
 def _json_frame(data: dict[str, Any]) -> pd.DataFrame:
     index = pd.Index(data["index"], name=data["index_name"])
     frame = pd.DataFrame(data["data"], columns=data["columns"], index=index)
-    return frame.infer_objects() if len(frame) else frame
+    return frame.infer_objects()
 
 
 def _plain(value: Any) -> Any:
@@ -478,11 +487,10 @@ def read_seed(args: argparse.Namespace, seed: int) -> tuple[Any, ...] | None:
     """(rows, curves by level, irrelevant neurons, neurons per layer) of a seed measured earlier
     under the same settings, or None."""
     path = _seed_path(args, seed)
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    if data["settings"] != json.loads(json.dumps(study_settings(args))):
-        print(f"seed {seed}: {path} was measured under other settings; measuring again")
+    data = read_if_same(path, study_settings(args))
+    if data is None:
+        if path.exists():
+            print(f"seed {seed}: {path} was measured under other settings; measuring again")
         return None
     curves = {level: _json_frame(c) for level, c in data["curves"].items()}
     return (data["rows"], curves, _json_frame(data["neurons"]),
