@@ -44,10 +44,10 @@ from .reference_run import ReferenceRun
 from .seed_spread import SeedSpread
 from .selection import (
     MEASURES,
+    Limit,
     Measure,
     Selection,
-    faithfulness_scorer,
-    kl_scorer,
+    scorers,
     select_smallest,
 )
 from .sites import (
@@ -63,6 +63,7 @@ from .training import (
     BatchPlan,
     FaithfulnessBudget,
     History,
+    JointBudget,
     KLBudget,
     Sparsity,
     cosine_schedule,
@@ -333,7 +334,10 @@ class PruneConfig:
             "step, KL(full || gated) on the training batch whatever the objective (history "
             "columns train_kl, kl_budget_scale). Then the circuit is the smallest along the "
             "learned gate order whose KL on the held-out validation prompts is within the "
-            "budget (result.selection; the most faithful one on the order if none is).",
+            "budget (result.selection; the most faithful one on the order if none is). With "
+            "target_faithfulness as well, both hold at once: one scale, raised only while the "
+            "batch has slack on both (history columns train_kl, train_faithfulness, "
+            "budget_scale), and the circuit is the smallest that meets both.",
             _Check(
                 "None or a finite number > 0",
                 lambda v: v is None or (v > 0 and math.isfinite(v)),
@@ -419,11 +423,6 @@ class PruneConfig:
         check_checkpoint(self.checkpoint, self.checkpoint_budget_bytes)
         if self.granularities is not None:
             self.check_gated(tuple(self.granularities))
-        if self.target_kl is not None and self.target_faithfulness is not None:
-            raise ValueError(
-                "PruneConfig.target_kl and target_faithfulness each choose the circuit on the "
-                "validation prompts; set one of them."
-            )
 
     @property
     def holds_out(self) -> bool:
@@ -583,24 +582,26 @@ class NodePruner:
         run: PruneRun,
         meta: dict[str, Any],
     ) -> Selection:
-        """The smallest circuit along the gate order that reaches target_faithfulness, or that
+        """The smallest circuit along the gate order that reaches target_faithfulness and/or
         stays within target_kl, on the validation prompts."""
         cfg = self.config
         common = (self.model, validation, self.granularities, cfg.ablation, run.nograd)
-        if cfg.target_faithfulness is not None:
-            score = faithfulness_scorer(*common, cfg.selection_measure, cfg.cache_bytes)
-            target = cfg.target_faithfulness
-        else:  # a KL budget b: the score is -KL, the target -b
-            score, target = kl_scorer(*common, cache_bytes=cfg.cache_bytes), -cfg.target_kl
-        upper = OVERSHOOT if cfg.target_faithfulness is not None else None
-        selection = select_smallest(log_alpha, self.shape, score, target, cfg.hard_concrete,
-                                    meta=meta, positions=run.axis, upper=upper)  # fmt: skip
-        if cfg.target_faithfulness is None:
-            kl = -selection.faithfulness
+        f_score, kl_score = scorers(*common, cfg.selection_measure, cfg.cache_bytes)
+        if cfg.target_faithfulness is None:  # a KL budget b alone: the score is -KL, target -b
+            selection = select_smallest(log_alpha, self.shape, lambda c: -kl_score(c),
+                                        -cfg.target_kl, cfg.hard_concrete, meta=meta,
+                                        positions=run.axis)  # fmt: skip
             selection.circuit.meta["selection"] = {
-                "kl_budget": cfg.target_kl, "validation_kl": kl,
+                "kl_budget": cfg.target_kl, "validation_kl": -selection.faithfulness,
                 "log_alpha_threshold": selection.threshold,
             }  # fmt: skip
+            return selection
+        limit = None if cfg.target_kl is None else Limit("kl", kl_score, cfg.target_kl)
+        selection = select_smallest(log_alpha, self.shape, f_score, cfg.target_faithfulness,
+                                    cfg.hard_concrete, meta=meta, positions=run.axis,
+                                    upper=OVERSHOOT, limit=limit)  # fmt: skip
+        if limit is not None:  # select_smallest wrote validation_kl beside the band
+            selection.circuit.meta["selection"]["kl_budget"] = cfg.target_kl
         return selection
 
     def _certify(self, circuit: Circuit, validation: PromptTask, run: PruneRun) -> Certificate:
@@ -676,12 +677,7 @@ class PruneRun:
             lagrangian_rho=cfg.lagrangian_rho,
             device=device,
         )
-        self.budget: KLBudget | None = None  # target_kl's, or target_faithfulness's
-        if cfg.target_kl is not None:
-            self.budget = KLBudget(cfg.target_kl, cfg.kl_lr, device)
-        elif cfg.target_faithfulness is not None:
-            self.budget = FaithfulnessBudget(cfg.target_faithfulness, cfg.faithfulness_lr, device,
-                                             upper=OVERSHOOT)  # fmt: skip
+        self.budget = self._budget(device)
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=cfg.lr)
         self.schedule = None
         if cfg.lr_final is not None:
@@ -794,22 +790,39 @@ class PruneRun:
     def _steer(
         self, logits: Tensor, full: Tensor, faith: Tensor, batch: PromptTask, idx: Tensor
     ) -> dict[str, Tensor]:
-        """One dual ascent step of the budget on this batch's KL or faithfulness (every rank
-        sees the same all-rank mean); the history columns of the step."""
+        """One dual ascent step of the budget on this batch's KL and/or faithfulness (every
+        rank sees the same all-rank mean); the history columns of the step."""
         assert self.budget is not None
         scale = self.budget.scale  # this step's; `ascend` replaces it, never edits it
+        columns: dict[str, Tensor] = {}
+        if self.cfg.target_kl is not None:
+            if self.cfg.objective == "kl":
+                columns["train_kl"] = faith.detach()
+            else:
+                with torch.no_grad():
+                    value = kl_divergence(full, logits).to(self.device)
+                    columns["train_kl"] = distributed.mean_over_ranks(value, len(idx))
         if self.empty is not None:
-            value = self._batch_faithfulness(logits.detach(), full, batch, idx)
-            self.budget.ascend(value)
-            return {"train_faithfulness": value, "faithfulness_budget_scale": scale}
-        if self.cfg.objective == "kl":
-            value = faith.detach()
-        else:
-            with torch.no_grad():
-                value = kl_divergence(full, logits).to(self.device)
-                value = distributed.mean_over_ranks(value, len(idx))
-        self.budget.ascend(value)
-        return {"train_kl": value, "kl_budget_scale": scale}
+            columns["train_faithfulness"] = self._batch_faithfulness(
+                logits.detach(), full, batch, idx
+            )
+        values = list(columns.values())
+        self.budget.ascend(values[0] if len(values) == 1 else torch.stack(values))
+        if len(values) == 2:  # both budgets: one multiplier, held by the tighter
+            return {**columns, "budget_scale": scale}
+        name = "kl" if "train_kl" in columns else "faithfulness"
+        return {**columns, f"{name}_budget_scale": scale}
+
+    def _budget(self, device: Any) -> KLBudget | None:
+        """The multiplier on the sparsity terms that target_kl and/or target_faithfulness steer
+        (None without either)."""
+        cfg = self.cfg
+        kl = None if cfg.target_kl is None else KLBudget(cfg.target_kl, cfg.kl_lr, device)
+        if cfg.target_faithfulness is None:
+            return kl
+        band = FaithfulnessBudget(cfg.target_faithfulness, cfg.faithfulness_lr, device,
+                                  upper=OVERSHOOT)  # fmt: skip
+        return band if kl is None else JointBudget(kl, band)
 
     def _batch_faithfulness(
         self, logits: Tensor, full: Tensor, batch: PromptTask, idx: Tensor

@@ -60,6 +60,53 @@ def circuit_at(
     return Circuit(shape, gates, 0.5, meta=dict(meta or {}), positions=positions)
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A second measure the selected circuit must keep at or below `bound` (a KL budget beside
+    a faithfulness band); the curve has its values in column `name`."""
+
+    name: str
+    score: Scorer
+    bound: float
+
+
+def scorers(
+    model: Any,
+    task: PromptTask,
+    granularities: tuple[str, ...] | None = None,
+    ablation: AblationKind = "corrupted",
+    batch_size: int = 32,
+    measure: Measure = "metric",
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> tuple[Scorer, Scorer]:
+    """(f, KL) of a circuit on `task`, from one `Evaluator` pass per circuit (both scorers
+    read the last circuit's result), so selection and `evaluate` agree by construction.
+
+    f(C) = (metric(C) - metric(empty)) / (metric(full) - metric(empty)); with `measure="kl"`,
+    f(C) = 1 - KL(full || C) / KL(full || empty) instead: the share of the output distribution
+    the circuit restores, which reaches 1 only when nothing that matters is missing (a task
+    metric can reach 1, or overshoot, with parts missing). KL(full || C) is in nats. Circuits
+    are gated at `granularities` (default: all the model has).
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}.")
+    evaluator = Evaluator(model, task, ablation, batch_size, granularities, cache_bytes)
+    last: list[Any] = [None, None]  # [circuit, its result]
+
+    def evaluate(circuit: Circuit) -> Any:
+        if last[0] is not circuit:
+            last[:] = [circuit, evaluator(circuit)]
+        return last[1]
+
+    def f(circuit: Circuit) -> float:
+        result = evaluate(circuit)
+        if measure == "kl":
+            return faithfulness(-result.kl, 0.0, -result.kl_empty)
+        return result.faithfulness
+
+    return f, lambda circuit: evaluate(circuit).kl
+
+
 def faithfulness_scorer(
     model: Any,
     task: PromptTask,
@@ -69,25 +116,8 @@ def faithfulness_scorer(
     measure: Measure = "metric",
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Scorer:
-    """f(C) = (metric(C) - metric(empty)) / (metric(full) - metric(empty)) on `task`.
-
-    With `measure="kl"`, f(C) = 1 - KL(full || C) / KL(full || empty) instead: the share of
-    the output distribution the circuit restores, which reaches 1 only when nothing that
-    matters is missing (a task metric can reach 1, or overshoot, with parts missing). The
-    scorer takes circuits gated at `granularities` (default: all the model has) and scores
-    them with one `Evaluator`, so selection and `evaluate` agree by construction.
-    """
-    if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}.")
-    evaluator = Evaluator(model, task, ablation, batch_size, granularities, cache_bytes)
-
-    def score(circuit: Circuit) -> float:
-        result = evaluator(circuit)
-        if measure == "kl":
-            return faithfulness(-result.kl, 0.0, -result.kl_empty)
-        return result.faithfulness
-
-    return score
+    """f(C) on `task` (`scorers`' first)."""
+    return scorers(model, task, granularities, ablation, batch_size, measure, cache_bytes)[0]
 
 
 def kl_scorer(
@@ -100,8 +130,8 @@ def kl_scorer(
 ) -> Scorer:
     """-KL(full || C) on `task` in nats: higher is better, so that `select_smallest` with
     target -b returns the smallest circuit within a KL budget b."""
-    evaluator = Evaluator(model, task, ablation, batch_size, granularities, cache_bytes)
-    return lambda circuit: -evaluator(circuit).kl
+    kl = scorers(model, task, granularities, ablation, batch_size, cache_bytes=cache_bytes)[1]
+    return lambda circuit: -kl(circuit)
 
 
 def _candidates(log_alpha: dict[str, Tensor], max_candidates: int) -> list[float]:
@@ -126,9 +156,11 @@ def select_smallest(
     meta: dict[str, Any] | None = None,
     positions: PositionAxis | None = None,
     upper: float | None = None,
+    limit: Limit | None = None,
 ) -> Selection:
     """Score nested circuits (high threshold = small) and keep the smallest reaching `target`
-    (and, with `upper`, not above it: a band such as f in [0.9, 1.1]).
+    (and, with `upper`, not above it: a band such as f in [0.9, 1.1]; with `limit`, also with
+    `limit.score` at most `limit.bound`, e.g. KL within a budget).
 
     With more distinct log_alphas than `max_candidates`, the grid is refined by bisection
     between the smallest passing and the next smaller failing threshold. If no threshold
@@ -137,15 +169,19 @@ def select_smallest(
     rows: dict[float, dict[str, Any]] = {}
     ceiling = math.inf if upper is None else upper
 
-    def miss(f: float) -> float:  # how far f is outside [target, upper]; 0 inside
-        return max(target - f, f - ceiling, 0.0)
+    def miss(row: dict[str, Any]) -> float:  # how far outside the band (and limit); 0 inside
+        f = row["faithfulness"]
+        over = 0.0 if limit is None else row[limit.name] - limit.bound
+        return max(target - f, f - ceiling, over, 0.0)
 
-    def visit(t: float) -> float:
+    def visit(t: float) -> dict[str, Any]:
         if t not in rows:
             c = circuit_at(shape, log_alpha, t, hard_concrete, positions=positions)
             rows[t] = {"threshold": t, **{f"kept_{g}": c.n_kept(g) for g in c.granularities},
                        "nodes": len(c.nodes), "faithfulness": score(c)}  # fmt: skip
-        return rows[t]["faithfulness"]
+            if limit is not None:
+                rows[t][limit.name] = limit.score(c)
+        return rows[t]
 
     thresholds = _candidates(log_alpha, max_candidates)
     for t in thresholds:
@@ -164,23 +200,28 @@ def select_smallest(
                     hi = mid
             best = lo
     else:
-        best = min(rows, key=lambda t: (miss(rows[t]["faithfulness"]), -t))
+        best = min(rows, key=lambda t: (miss(rows[t]), -t))
     curve = pd.DataFrame(sorted(rows.values(), key=lambda r: -r["threshold"]))
-    curve["meets_target"] = [miss(f) == 0 for f in curve["faithfulness"]]
+    curve["meets_target"] = [miss(r) == 0 for r in curve.to_dict("records")]
     circuit = circuit_at(shape, log_alpha, best, hard_concrete, meta, positions)
     found = rows[best]["faithfulness"]
-    circuit.meta["selection"] = {"target": target, "log_alpha_threshold": best,
-                                 "validation_faithfulness": found,
-                                 **({} if upper is None else {"upper": upper})}  # fmt: skip
+    chosen = {"target": target, "log_alpha_threshold": best, "validation_faithfulness": found}
+    if upper is not None:
+        chosen["upper"] = upper
+    if limit is not None:
+        chosen[f"validation_{limit.name}"] = rows[best][limit.name]
+    circuit.meta["selection"] = chosen
     return Selection(circuit, best, found, target, curve)
 
 
 __all__ = [
     "MEASURES",
+    "Limit",
     "Measure",
     "Selection",
     "circuit_at",
     "faithfulness_scorer",
     "kl_scorer",
+    "scorers",
     "select_smallest",
 ]

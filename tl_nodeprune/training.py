@@ -208,6 +208,20 @@ class FaithfulnessBudget(KLBudget):
         return torch.minimum(value - self.target, self.upper - value)
 
 
+class JointBudget(KLBudget):
+    """The same multiplier held by a KL budget and a faithfulness band at once: it rises only
+    while the circuit has slack on both (the gap is the smaller of the two), so neither is
+    traded for the other. `ascend` takes the batch's (KL, f) stacked into one tensor.
+    """
+
+    def __init__(self, kl: KLBudget, faithfulness: FaithfulnessBudget) -> None:
+        super().__init__(kl.target, kl.lr, kl.scale.device)
+        self.kl, self.faithfulness = kl, faithfulness
+
+    def gap(self, value: Tensor) -> Tensor:
+        return torch.minimum(self.kl.gap(value[0]), self.faithfulness.gap(value[1]))
+
+
 class History:
     """Per-step loss, loss terms and other columns, kept on the device until read.
 
@@ -271,6 +285,7 @@ __all__ = [
     "BatchPlan",
     "FaithfulnessBudget",
     "History",
+    "JointBudget",
     "KLBudget",
     "Sparsity",
     "batches",
