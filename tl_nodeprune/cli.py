@@ -117,11 +117,14 @@ def _word(words: dict[str, Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _checked(kind: type, f: dataclasses.Field[Any]) -> Callable[[str], Any]:
-    """An argparse type: a `kind` number that passes the field's own check, at parse time."""
+def _checked(kind: type, f: dataclasses.Field[Any], optional: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number that passes the field's own check, at parse time
+    (`none` gives None where the field allows it: `--target-kl none` turns a default off)."""
     check = f.metadata.get("check")
 
     def parse(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
         try:
             value = kind(text)
         except ValueError:
@@ -160,7 +163,9 @@ def _option(f: dataclasses.Field[Any], hint: Any) -> dict[str, Any]:
         words = _words(kind)
         return option | {"type": _word(words), "metavar": "{" + ",".join(words) + "}"}
     if form == "number":
-        return option | {"type": _checked(kind, f)}
+        optional = type(None) in get_args(hint)
+        return option | {"type": _checked(kind, f, optional),
+                         **({"metavar": "{NUMBER,none}"} if optional else {})}  # fmt: skip
     raise TypeError(
         f"PruneConfig.{f.name} ({hint}) has no command-line form; teach cli._form one, or add "
         "it to cli.NOT_OPTIONS."

@@ -6,7 +6,7 @@ change anything; attention blocks without planted heads are therefore silent as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -244,11 +244,29 @@ def planted_problem(
     d_vocab = model.cfg.d_vocab
     clean = torch.randint(0, d_vocab, (n_prompts, seq), generator=gen)
     corrupted = torch.randint(0, d_vocab, (n_prompts, seq), generator=gen)
-    correct = torch.randint(0, d_vocab, (n_prompts,), generator=gen)
-    incorrect = (correct + 1 + torch.randint(0, d_vocab - 1, (n_prompts,), generator=gen)) % d_vocab
-    task = PromptTask.from_tokens(clean, corrupted, correct, incorrect, name="planted")
+    # placeholders until the planted model answers (own_answers)
+    task = PromptTask.from_tokens(clean, corrupted, [0] * n_prompts, [1] * n_prompts,
+                                  name="planted")  # fmt: skip
     circuit = plant(model, sorted(heads), sorted(neurons), task, strength)
-    return PlantedProblem(model, circuit, task)
+    return PlantedProblem(model, circuit, own_answers(model, task))
+
+
+def own_answers(model: Any, task: PromptTask) -> PromptTask:
+    """`task` with the answers `model` itself gives: correct is its top token on each clean
+    prompt, incorrect its top token on the corrupted one (the clean prompt's second when the
+    two agree). Random prompts have no right answer; these make the task metric measure how
+    much of the model's own clean-vs-corrupted preference a circuit keeps, as on a real task
+    (so faithfulness, and a faithfulness target, mean something on planted models)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        rows = torch.arange(len(task.answer_pos))
+        clean = model(task.clean.to(device))[rows, task.answer_pos].cpu()
+        corrupted = model(task.corrupted.to(device))[rows, task.answer_pos].cpu()
+    top2 = clean.topk(2, dim=-1).indices
+    correct = top2[:, 0]
+    incorrect = corrupted.argmax(-1)
+    incorrect = torch.where(incorrect == correct, top2[:, 1], incorrect)
+    return replace(task, correct=correct[:, None], incorrect=incorrect[:, None])
 
 
 def add_distractors(

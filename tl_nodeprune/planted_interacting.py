@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .ablation import capture
 from .circuit import Circuit
 from .granularities import node_name
-from .planted import PlantedProblem, output_weights, plant, tiny_model
+from .planted import PlantedProblem, output_weights, own_answers, plant, tiny_model
 from .sites import hook_name
 from .tasks.base import PromptTask
 
@@ -121,9 +121,9 @@ def interacting_problem(
     d_vocab = model.cfg.d_vocab
     clean = torch.randint(0, d_vocab, (n_prompts, seq), generator=gen)
     corrupted = torch.randint(0, d_vocab, (n_prompts, seq), generator=gen)
-    correct = torch.randint(0, d_vocab, (n_prompts,), generator=gen)
-    incorrect = (correct + 1 + torch.randint(0, d_vocab - 1, (n_prompts,), generator=gen)) % d_vocab
-    task = PromptTask.from_tokens(clean, corrupted, correct, incorrect, name="planted-interacting")
+    # placeholders until the planted model answers (own_answers)
+    task = PromptTask.from_tokens(clean, corrupted, [0] * n_prompts, [1] * n_prompts,
+                                  name="planted-interacting")  # fmt: skip
     _duplicate_head(model, 1, b, c)
     heads = sorted([(0, a), (1, b), (1, c)])
     neurons = sorted([(1, n1), (1, n2), (2, m)])
@@ -140,7 +140,7 @@ def interacting_problem(
     head, neuron = (lambda *i: node_name("head", i)), (lambda *i: node_name("neuron", i))
     circuit.meta.update(chain=[head(0, a), neuron(1, n1)], and_pair=[head(1, b), neuron(1, n1)],
                         duplicates=[head(1, b), head(1, c)], reader=neuron(2, m))  # fmt: skip
-    return PlantedProblem(model, circuit, task)
+    return PlantedProblem(model, circuit, own_answers(model, task))
 
 
 def _duplicate_head(model: Any, layer: int, src: int, dst: int) -> None:

@@ -2,6 +2,7 @@
 sparsity term holds the batch faithfulness in [target, 1.1], and the circuit is the smallest
 in that band on held-out validation prompts."""
 
+import dataclasses
 import functools
 import warnings
 
@@ -87,11 +88,12 @@ def test_the_batch_faithfulness_is_one_for_the_full_model_and_zero_for_the_empty
 
 
 def test_a_metric_that_does_not_separate_the_full_model_from_the_empty_circuit_is_refused():
-    # the planted model of seed 0 with distractors: on the training split the full model's
-    # logit difference is 0.58 below the empty circuit's
-    problem = add_distractors(planted_problem("bridge-native", seed=0), per_layer=6, strength=0.3)
+    # the planted model's own answers swapped: the full model prefers the "incorrect" one
+    problem = planted_problem("bridge-native", seed=0)
+    task = dataclasses.replace(problem.task, correct=problem.task.incorrect,
+                               incorrect=problem.task.correct)  # fmt: skip
     config = tnp.PruneConfig(progress=False, steps=2, target_faithfulness=0.9)
-    with pytest.raises(ValueError, match=r"full model beats the empty circuit by -0\.579 .*"
+    with pytest.raises(ValueError, match=r"full model beats the empty circuit by -\d+\.\d+ .*"
                                          r"use selection_measure='kl'"):  # fmt: skip
-        tnp.NodePruner(problem.model, config).fit(problem.task)
+        tnp.NodePruner(problem.model, config).fit(task)
     assert hook_count(problem.model) == 0
