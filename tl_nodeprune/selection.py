@@ -107,33 +107,6 @@ def scorers(
     return f, lambda circuit: evaluate(circuit).kl
 
 
-def faithfulness_scorer(
-    model: Any,
-    task: PromptTask,
-    granularities: tuple[str, ...] | None = None,
-    ablation: AblationKind = "corrupted",
-    batch_size: int = 32,
-    measure: Measure = "metric",
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
-) -> Scorer:
-    """f(C) on `task` (`scorers`' first)."""
-    return scorers(model, task, granularities, ablation, batch_size, measure, cache_bytes)[0]
-
-
-def kl_scorer(
-    model: Any,
-    task: PromptTask,
-    granularities: tuple[str, ...] | None = None,
-    ablation: AblationKind = "corrupted",
-    batch_size: int = 32,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
-) -> Scorer:
-    """-KL(full || C) on `task` in nats: higher is better, so that `select_smallest` with
-    target -b returns the smallest circuit within a KL budget b."""
-    kl = scorers(model, task, granularities, ablation, batch_size, cache_bytes=cache_bytes)[1]
-    return lambda circuit: -kl(circuit)
-
-
 def _candidates(log_alpha: dict[str, Tensor], max_candidates: int) -> list[float]:
     """Thresholds just below distinct log_alpha values (a spread subset when there are many)."""
     values = torch.cat([la.detach().float().flatten().cpu() for la in log_alpha.values()])
@@ -220,8 +193,6 @@ __all__ = [
     "Measure",
     "Selection",
     "circuit_at",
-    "faithfulness_scorer",
-    "kl_scorer",
     "scorers",
     "select_smallest",
 ]
