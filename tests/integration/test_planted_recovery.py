@@ -1,6 +1,7 @@
 """Ground truth: discovery with default settings finds exactly the planted circuit."""
 
 import pytest
+import torch
 
 import tl_nodeprune as tnp
 from tl_nodeprune.planted import planted_problem
@@ -43,3 +44,24 @@ def test_target_faithfulness_picks_exactly_the_planted_circuit_when_training_sto
     assert result.circuit.nodes == problem.circuit.nodes
     assert result.selection.faithfulness >= 0.99
     assert result.selection.curve.meets_target.any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_planted_task_asks_for_the_planted_models_own_answer(seed):
+    # With the model's own answers the metric separates the full model from the empty circuit
+    # on every prompt, and the planted circuit, which carries all of the model's clean-vs-
+    # corrupted difference, restores it: f = 1 (random answer ids gave f from 0.87 to 4.5).
+    problem = planted_problem("bridge-native", seed=seed)
+    task, model = problem.task, problem.model
+    evaluation = tnp.evaluate(model, problem.circuit, task)
+    assert evaluation.metric_full > evaluation.metric_empty + 1.0
+    assert evaluation.faithfulness == pytest.approx(1.0, abs=0.02)
+    rows = torch.arange(len(task))
+    with torch.no_grad():
+        clean = model(task.clean)[rows, task.answer_pos]
+        corrupted = model(task.corrupted)[rows, task.answer_pos]
+    correct, incorrect = task.correct[:, 0], task.incorrect[:, 0]
+    assert (clean.argmax(-1) == correct).all()  # the clean prompt's top token
+    differs = corrupted.argmax(-1) != correct  # else the clean prompt's second
+    assert differs.float().mean() > 0.5
+    assert (incorrect[differs] == corrupted.argmax(-1)[differs]).all()
