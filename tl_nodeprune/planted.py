@@ -15,6 +15,7 @@ from torch import nn
 from .ablation import capture
 from .circuit import Circuit
 from .granularities import node_name
+from .objectives import forward_answers
 from .sites import ModelShape, hook_name
 from .tasks.base import PromptTask
 
@@ -259,9 +260,10 @@ def own_answers(model: Any, task: PromptTask) -> PromptTask:
     (so faithfulness, and a faithfulness target, mean something on planted models)."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        rows = torch.arange(len(task.answer_pos))
-        clean = model(task.clean.to(device))[rows, task.answer_pos].cpu()
-        corrupted = model(task.corrupted.to(device))[rows, task.answer_pos].cpu()
+        clean, corrupted = (
+            forward_answers(model, tokens.to(device), task.answer_pos, fast=False).cpu()
+            for tokens in (task.clean, task.corrupted)
+        )
     top2 = clean.topk(2, dim=-1).indices
     correct = top2[:, 0]
     incorrect = corrupted.argmax(-1)

@@ -335,9 +335,9 @@ class PruneConfig:
             "columns train_kl, kl_budget_scale). Then the circuit is the smallest along the "
             "learned gate order whose KL on the held-out validation prompts is within the "
             "budget (result.selection; the most faithful one on the order if none is). With "
-            "target_faithfulness as well, both hold at once: one scale, raised only while the "
-            "batch has slack on both (history columns train_kl, train_faithfulness, "
-            "budget_scale), and the circuit is the smallest that meets both.",
+            "target_faithfulness as well, both hold at once: one scale, moved at kl_lr and "
+            "raised only while the batch has slack on both (history columns train_kl, "
+            "train_faithfulness, budget_scale), and the circuit is the smallest that meets both.",
             _Check(
                 "None or a finite number > 0",
                 lambda v: v is None or (v > 0 and math.isfinite(v)),
