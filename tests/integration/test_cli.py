@@ -201,6 +201,7 @@ def test_all_options_at_once_reach_the_config():
 def test_none_turns_a_default_budget_off_and_is_refused_where_a_field_needs_a_number():
     config = discover_config(["--target-kl", "none", "--target-faithfulness", "None"])
     assert config.target_kl is None and config.target_faithfulness is None
+    assert tnp.PruneConfig().target_kl is not None  # a default that needed turning off
     with pytest.raises(SystemExit):
         discover_config(["--lr", "none"])
 
