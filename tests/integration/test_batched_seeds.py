@@ -18,6 +18,7 @@ from ..conftest import fails_cleanly, hook_count
 
 SEEDS = (0, 1, 2)
 STEPS = 12
+NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,11 @@ def test_prompts_of_different_lengths_padded_to_the_longest_change_no_answer(pro
 
 
 def _seed0_after(model, other: PromptTask, task: PromptTask) -> dict[str, torch.Tensor]:
-    """Seed 0's log_alpha after batched steps beside a seed-1 run on `other` prompts."""
-    config = tnp.PruneConfig(progress=False, steps=STEPS, lr=0.3)
+    """Seed 0's log_alpha after batched steps beside a seed-1 run on `other` prompts.
+
+    The default budgets are off: the faithfulness band refuses the swapped prompts (there the
+    full model does not beat the empty circuit), and isolation is what is tested here."""
+    config = tnp.PruneConfig(progress=False, steps=STEPS, lr=0.3, **NO_BUDGETS)
     with tnp.NodePruner(model, config).training(task) as run0:
         pruner1 = tnp.NodePruner(model, replace(config, seed=1))
         with pruner1.training(other) as run1:
@@ -109,7 +113,8 @@ def test_a_seed_does_not_see_its_neighbours_prompts(problem):
     shuffled = replace(task, clean=task.corrupted, corrupted=task.clean)  # other activations
     a = _seed0_after(problem.model, task, task)
     b = _seed0_after(problem.model, _mixed_lengths(shuffled), task)
-    alone = tnp.NodePruner(problem.model, tnp.PruneConfig(progress=False, steps=STEPS, lr=0.3))
+    config = tnp.PruneConfig(progress=False, steps=STEPS, lr=0.3, **NO_BUDGETS)
+    alone = tnp.NodePruner(problem.model, config)
     c = alone.fit(task).log_alpha
     for g in a:
         assert (a[g] - b[g]).abs().max() < 1e-5

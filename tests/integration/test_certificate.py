@@ -107,8 +107,11 @@ def test_an_unneeded_node_is_removed(problem):
 
 
 def test_fit_with_certify_repairs_an_unconverged_run_on_its_validation_split(problem):
-    # 3 steps leave every gate open: without the certificate the circuit is the whole model
-    config = PruneConfig(progress=False, steps=3, certify=True, certify_candidates=128)
+    # 3 steps leave every gate open: without the certificate the circuit is the whole model.
+    # The default budgets are off: with them the selection along the gate order, not the
+    # certificate, would pick the circuit.
+    config = PruneConfig(progress=False, steps=3, certify=True, certify_candidates=128,
+                         target_kl=None, target_faithfulness=None)  # fmt: skip
     result = NodePruner(problem.model, config).fit(problem.task)
     assert result.certificate is not None and result.certificate.locally_optimal
     assert result.circuit.nodes == problem.circuit.nodes

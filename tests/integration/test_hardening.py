@@ -26,6 +26,9 @@ pytestmark = pytest.mark.skipif(
     "bridge-native" not in available_flavours(), reason="needs TransformerBridge.boot_native"
 )
 GATED = ("attn", "mlp", "head", "neuron")
+# Tests of a mechanism other than the default budgets (target_kl, target_faithfulness) turn them
+# off, so they keep testing what they name.
+NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
 
 
 def _random_task(d_vocab: int, n: int = 32, seq: int = 8, seed: int = 0) -> tnp.PromptTask:
@@ -56,7 +59,12 @@ def test_fit_recovers_the_planted_circuit_with_other_ablations_and_objectives(ab
 
 def test_head_dim_gates_keep_exactly_the_planted_heads_dimensions():
     problem = planted_problem("bridge-native", seed=0, n_prompts=32)
-    cfg = tnp.PruneConfig(steps=100, granularities=(*GATED, "head_dim"), progress=False)
+    # The budgets are off: this tests head_dim gating. With them on, the selection along the gate
+    # order drops value dimension d0 of planted head a2.h1 (15 of 16 dims kept): the circuit
+    # without it still meets both budgets on validation (f 0.999, KL 0.0065 nats).
+    cfg = tnp.PruneConfig(
+        steps=100, granularities=(*GATED, "head_dim"), progress=False, **NO_BUDGETS
+    )
     found = tnp.NodePruner(problem.model, cfg).fit(problem.task).circuit
     dims = found.kept("head_dim")  # (layer, head, d_head)
     planted = problem.circuit.kept("head")
@@ -72,7 +80,9 @@ def test_fit_on_an_attention_only_model_recovers_its_planted_heads():
             w, axis = output_weights(model, layer, "attn")  # (d_model, head * d_head)
             keep = torch.tensor([(layer, h) in planted for h in range(4)], dtype=w.dtype)
             w.mul_(keep.repeat_interleave(w.shape[axis] // 4))
-    cfg = tnp.PruneConfig(steps=100, progress=False)
+    # The budgets are off: this tests an attention-only model. On the random task the full model
+    # does not beat the empty circuit in its metric, so the faithfulness band refuses it.
+    cfg = tnp.PruneConfig(steps=100, progress=False, **NO_BUDGETS)
     found = tnp.NodePruner(model, cfg).fit(_random_task(model.cfg.d_vocab)).circuit
     assert found.granularities == ("attn", "head")
     assert found.heads == planted
@@ -152,7 +162,7 @@ def test_target_sparsity_is_met_by_the_kept_fraction_on_an_unplanted_model():
     """
     model = tiny_model("bridge-native", n_layers=3)
     cfg = tnp.PruneConfig(
-        steps=150, target_sparsity={"neuron": 0.8}, warmup_steps=50, progress=False
+        steps=150, target_sparsity={"neuron": 0.8}, warmup_steps=50, progress=False, **NO_BUDGETS
     )
     circuit = tnp.NodePruner(model, cfg).fit(_random_task(64, n=16)).circuit
     assert circuit.own_kept("neuron").float().mean().item() == pytest.approx(0.2, abs=0.1)
@@ -162,7 +172,9 @@ def test_history_read_in_blocks_is_the_same_whatever_the_interval():
     problem = planted_problem("bridge-native", seed=0, n_prompts=16)
 
     def fit(log_every):
-        cfg = tnp.PruneConfig(steps=12, warmup_steps=4, log_every=log_every, progress=False)
+        cfg = tnp.PruneConfig(
+            steps=12, warmup_steps=4, log_every=log_every, progress=False, **NO_BUDGETS
+        )
         return tnp.NodePruner(problem.model, cfg).fit(problem.task)
 
     every, blocks = fit(1), fit(5)  # 5 does not divide 12: the last block is read at the end

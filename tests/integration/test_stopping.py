@@ -8,6 +8,10 @@ import tl_nodeprune as tnp
 from tl_nodeprune.evaluation import Evaluator
 from tl_nodeprune.planted import planted_problem
 
+# The default budgets are off: with them the circuit is selected along the gate order on the
+# validation prompts after training, which is not the stopping by validation loss tested here.
+NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
+
 
 def test_the_run_returns_exactly_the_gates_it_had_after_the_best_check(monkeypatch):
     # The validation KL is scripted (the third of six checks is best), so the returned gates
@@ -21,15 +25,15 @@ def test_the_run_returns_exactly_the_gates_it_had_after_the_best_check(monkeypat
         return type(evaluation)(**{**evaluation.to_dict(), "kl": next(scripted)})
 
     monkeypatch.setattr(Evaluator, "__call__", call)
-    config = tnp.PruneConfig(progress=False, steps=60, validate_every=10)
+    config = tnp.PruneConfig(progress=False, steps=60, validate_every=10, **NO_BUDGETS)
     result = tnp.NodePruner(problem.model, config).fit(problem.task)
     monkeypatch.setattr(Evaluator, "__call__", real_call)
     stopped = result.circuit.meta["early_stopping"]
     assert [c["step"] for c in stopped["checks"]] == [9, 19, 29, 39, 49, 59]
     assert stopped["best_step"] == 29
-    short = tnp.PruneConfig(progress=False, steps=30, validate_every=30)
+    short = tnp.PruneConfig(progress=False, steps=30, validate_every=30, **NO_BUDGETS)
     reference = tnp.NodePruner(problem.model, short).fit(problem.task)
-    longer = tnp.PruneConfig(progress=False, steps=60, validate_every=60)
+    longer = tnp.PruneConfig(progress=False, steps=60, validate_every=60, **NO_BUDGETS)
     full = tnp.NodePruner(problem.model, longer).fit(problem.task)
     for g in result.log_alpha:
         assert torch.equal(result.log_alpha[g], reference.log_alpha[g]), g
@@ -39,7 +43,7 @@ def test_the_run_returns_exactly_the_gates_it_had_after_the_best_check(monkeypat
 
 def test_a_check_scores_the_circuit_on_the_held_out_prompts_at_the_training_prices():
     problem = planted_problem("bridge-native", seed=1)
-    config = tnp.PruneConfig(progress=False, steps=40, validate_every=20)
+    config = tnp.PruneConfig(progress=False, steps=40, validate_every=20, **NO_BUDGETS)
     result = tnp.NodePruner(problem.model, config).fit(problem.task)
     stopped = result.circuit.meta["early_stopping"]
     best = next(c for c in stopped["checks"] if c["step"] == stopped["best_step"])
