@@ -47,7 +47,8 @@ def test_the_study_writes_its_files_and_its_table_is_compare_methods_on_the_held
     problem = planted_problem("bridge-native", seed=0, n_prompts=64)
     model, task = problem.model, comparison_study.posed(problem.model, problem.task)
     train, held = task.split(DEFAULT_TRAIN_FRACTION, seed=0)
-    fit = NodePruner(model, PruneConfig(seed=0, steps=STEPS, progress=False)).fit(train)
+    config = PruneConfig(seed=0, steps=STEPS, progress=False, **comparison_study.NODE_PRUNING)
+    fit = NodePruner(model, config).fit(train)
     scores = {m: method_scores(model, train, m, result=fit if m == "node_pruning" else None)
               for m in methods}  # fmt: skip
     scores["mib:truth"] = method_scores(model, train, "edge_pruning", result=read_mib(mib, model))
