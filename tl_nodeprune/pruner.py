@@ -596,10 +596,11 @@ class NodePruner:
         cfg = self.config
         common = (self.model, validation, self.granularities, cfg.ablation, run.nograd)
         f_score, kl_score = scorers(*common, cfg.selection_measure, cfg.cache_bytes)
+        progress = cfg.progress and distributed.is_main()
         if cfg.target_faithfulness is None:  # a KL budget b alone: the score is -KL, target -b
             selection = select_smallest(log_alpha, self.shape, lambda c: -kl_score(c),
                                         -cfg.target_kl, cfg.hard_concrete, meta=meta,
-                                        positions=run.axis)  # fmt: skip
+                                        positions=run.axis, progress=progress)  # fmt: skip
             selection.circuit.meta["selection"] = {
                 "kl_budget": cfg.target_kl, "validation_kl": -selection.faithfulness,
                 "log_alpha_threshold": selection.threshold,
@@ -608,7 +609,7 @@ class NodePruner:
         limit = None if cfg.target_kl is None else Limit("kl", kl_score, cfg.target_kl)
         selection = select_smallest(log_alpha, self.shape, f_score, cfg.target_faithfulness,
                                     cfg.hard_concrete, meta=meta, positions=run.axis,
-                                    upper=OVERSHOOT, limit=limit)  # fmt: skip
+                                    upper=OVERSHOOT, limit=limit, progress=progress)  # fmt: skip
         if limit is not None:  # select_smallest wrote validation_kl beside the band
             selection.circuit.meta["selection"]["kl_budget"] = cfg.target_kl
         return selection

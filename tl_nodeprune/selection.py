@@ -17,6 +17,7 @@ from typing import Any, Literal
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .ablation import DEFAULT_CACHE_BYTES, AblationKind
 from .circuit import Circuit
@@ -130,6 +131,7 @@ def select_smallest(
     positions: PositionAxis | None = None,
     upper: float | None = None,
     limit: Limit | None = None,
+    progress: bool = False,
 ) -> Selection:
     """Score nested circuits (high threshold = small) and keep the smallest reaching `target`
     (and, with `upper`, not above it: a band such as f in [0.9, 1.1]; with `limit`, also with
@@ -138,6 +140,7 @@ def select_smallest(
     With more distinct log_alphas than `max_candidates`, the grid is refined by bisection
     between the smallest passing and the next smaller failing threshold. If no threshold
     passes, the circuit on the curve nearest the band is returned (see the curve).
+    `progress`: a bar over the circuits scored (each one pass over the validation prompts).
     """
     rows: dict[float, dict[str, Any]] = {}
     ceiling = math.inf if upper is None else upper
@@ -149,6 +152,7 @@ def select_smallest(
 
     def visit(t: float) -> dict[str, Any]:
         if t not in rows:
+            bar.update()
             c = circuit_at(shape, log_alpha, t, hard_concrete, positions=positions)
             rows[t] = {"threshold": t, **{f"kept_{g}": c.n_kept(g) for g in c.granularities},
                        "nodes": len(c.nodes), "faithfulness": score(c)}  # fmt: skip
@@ -157,6 +161,7 @@ def select_smallest(
         return rows[t]
 
     thresholds = _candidates(log_alpha, max_candidates)
+    bar = tqdm(total=len(thresholds) + refine_steps, desc="selecting", disable=not progress)
     for t in thresholds:
         visit(t)
     passing = [t for t in thresholds if miss(visit(t)) == 0]
@@ -174,6 +179,7 @@ def select_smallest(
             best = lo
     else:
         best = min(rows, key=lambda t: (miss(rows[t]), -t))
+    bar.close()
     curve = pd.DataFrame(sorted(rows.values(), key=lambda r: -r["threshold"]))
     curve["meets_target"] = [miss(r) == 0 for r in curve.to_dict("records")]
     circuit = circuit_at(shape, log_alpha, best, hard_concrete, meta, positions)

@@ -90,3 +90,21 @@ def test_config_rejects_bad_log_alpha_bounds(bounds):
 
     with pytest.raises(ValueError, match="log_alpha_bounds"):
         PruneConfig(log_alpha_bounds=bounds)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_selection_bar_counts_every_circuit_it_scores_and_stays_quiet_when_asked(
+    progress, capsys
+):
+    scored = []
+
+    def score(circuit) -> float:
+        scored.append(len(circuit.heads))
+        return _additive_score(circuit)
+
+    select_smallest(_log_alpha(), SHAPE, score, 0.85, progress=progress)
+    err = capsys.readouterr().err
+    if progress:  # a minutes-long pass after training's bar ends: it shows how far it is
+        assert "selecting" in err and f"{len(scored)}/" in err.replace("\r", "\n").splitlines()[-1]
+    else:
+        assert "selecting" not in err
