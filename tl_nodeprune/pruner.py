@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -60,8 +61,10 @@ from .sites import (
 from .stopping import BestOnValidation
 from .tasks.base import PromptTask, SplitBy
 from .training import (
+    MIN_VALIDATION_PROMPTS,
     BatchPlan,
     FaithfulnessBudget,
+    FewValidationPromptsWarning,
     History,
     JointBudget,
     KLBudget,
@@ -295,8 +298,8 @@ class PruneConfig:
     validation_fraction: float = field(
         default=0.25,
         metadata=_meta(
-            "Share of the prompts that target_faithfulness and certify hold out (the same "
-            "split) to select and to certify on.",
+            "Share of the prompts that target_kl, target_faithfulness, certify and "
+            "validate_every hold out (one split) to select, certify and stop on.",
             _OPEN_UNIT,
         ),
     )
@@ -517,8 +520,7 @@ class NodePruner:
         start = time.perf_counter()
         validation = None
         if cfg.holds_out:
-            task, validation = task.split(1 - cfg.validation_fraction, cfg.seed,
-                                          by=cfg.validation_split)  # fmt: skip
+            task, validation = self._hold_out(task)
         warn_repeated_prompts(len(task), cfg.steps, cfg.batch_size)
         with self.training(task, validation=validation) as run:
             quiet = not cfg.progress or not distributed.is_main()
@@ -527,6 +529,38 @@ class NodePruner:
                 run.validate(step)
             run.history.read()
         return self.finish(run, start)
+
+    def _hold_out(self, task: PromptTask) -> tuple[PromptTask, PromptTask]:
+        """Split off the validation prompts; with too few prompts, say which settings hold them
+        out and how to train on all of them instead."""
+        cfg = self.config
+        settings = {
+            "target_kl": cfg.target_kl is not None,
+            "target_faithfulness": cfg.target_faithfulness is not None,
+            "certify": cfg.certify,
+            "validate_every": cfg.validate_every is not None,
+        }
+        uses = [name for name, on in settings.items() if on]
+        off = ", ".join(f"{n}={'False' if n == 'certify' else 'None'}" for n in uses)
+        why = (f"fit holds out validation_fraction={cfg.validation_fraction} of the prompts "
+               f"for {', '.join(uses)}")  # fmt: skip
+        try:
+            train, validation = task.split(1 - cfg.validation_fraction, cfg.seed,
+                                           by=cfg.validation_split)  # fmt: skip
+        except ValueError as err:
+            raise ValueError(
+                f"{err} {why}: pass more prompts (a few dozen at least), or train on all of "
+                f"them with PruneConfig({off})."
+            ) from err
+        if len(validation) < MIN_VALIDATION_PROMPTS:
+            warnings.warn(
+                f"{why}, which leaves {len(validation)} validation prompt(s): a budget met on so "
+                f"few says little about other prompts. Pass more prompts (a few dozen at least), "
+                f"or train on all of them with PruneConfig({off}).",
+                FewValidationPromptsWarning,
+                stacklevel=3,
+            )
+        return train, validation
 
     @contextlib.contextmanager
     def training(

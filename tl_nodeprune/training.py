@@ -82,6 +82,14 @@ class RepeatedPromptsWarning(UserWarning):
     """A run passes over its training prompts many times (`warn_repeated_prompts`)."""
 
 
+class FewValidationPromptsWarning(UserWarning):
+    """A run selects, certifies or stops on so few held-out prompts that the result is noise."""
+
+
+# Below this many validation prompts a budget met on them says little about other prompts.
+MIN_VALIDATION_PROMPTS = 8
+
+
 def warn_repeated_prompts(n_prompts: int, steps: int, batch_size: int) -> float:
     """Warn when a run shows each prompt more than `MAX_VIEWS_PER_PROMPT` times; return the
     number of views per prompt."""

@@ -19,6 +19,7 @@ from tl_nodeprune.planted import (
     planted_problem,
     tiny_model,
 )
+from tl_nodeprune.training import FewValidationPromptsWarning
 
 from ..conftest import hook_count
 
@@ -263,3 +264,34 @@ def test_evaluate_refuses_another_d_model_and_nan_gates():
     gates["head"][0, 0] = math.nan
     with pytest.raises(ValueError, match="'head' gates hold NaN"):
         tnp.evaluate(problem.model, tnp.Circuit(shape, gates), problem.task)
+
+
+def test_too_few_prompts_to_hold_out_name_the_settings_that_hold_them_out_and_the_way_out():
+    problem = planted_problem("bridge-native", seed=0, n_prompts=64)
+    model, two = problem.model, problem.task.subset(range(2))
+    hooks = hook_count(model)
+    with pytest.raises(ValueError, match=r"for target_kl, target_faithfulness: .*"
+                       r"PruneConfig\(target_kl=None, target_faithfulness=None\)"):  # fmt: skip
+        tnp.NodePruner(model, tnp.PruneConfig(steps=2, progress=False)).fit(two)
+    assert hook_count(model) == hooks
+    # certify alone holds prompts out too: the message names only it
+    certify_only = tnp.PruneConfig(steps=2, progress=False, certify=True, **NO_BUDGETS)
+    with pytest.raises(ValueError, match=r"for certify: .*PruneConfig\(certify=False\)"):
+        tnp.NodePruner(model, certify_only).fit(two)
+    # the way out the message gives trains on both prompts
+    result = tnp.NodePruner(model, tnp.PruneConfig(steps=2, progress=False, **NO_BUDGETS)).fit(two)
+    assert result.selection is None and len(result.history) == 2
+
+
+@pytest.mark.parametrize(("n_prompts", "warned"), [(16, True), (64, False)])
+def test_a_budget_checked_on_few_validation_prompts_warns(n_prompts, warned):
+    problem = planted_problem("bridge-native", seed=0, n_prompts=64)
+    task = problem.task.subset(range(n_prompts))
+    config = tnp.PruneConfig(steps=2, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tnp.NodePruner(problem.model, config).fit(task)
+    few = [w for w in caught if issubclass(w.category, FewValidationPromptsWarning)]
+    assert len(few) == warned
+    if warned:
+        assert "leaves 4 validation prompt(s)" in str(few[0].message)
