@@ -320,12 +320,36 @@ def discover_config(argv: list[str]) -> PruneConfig:
     return _config(args)
 
 
+def _check_prompt_count(args: argparse.Namespace, config: PruneConfig) -> None:
+    """Refuse, before a model loads, a prompt count too small for discover's split (training
+    and held-out prompts) or for fit's (a validation share of the training prompts)."""
+    n, n_train = args.n_prompts, round(args.n_prompts * args.train_fraction)
+    if not 0 < n_train < n:
+        raise SystemExit(
+            f"--n-prompts {n}: at --train-fraction {args.train_fraction} that leaves no training "
+            "or no held-out prompt. Ask for more prompts (a few hundred)."
+        )
+    if config.holds_out and config.validation_split == "prompts":
+        if not 0 < round(n_train * (1 - config.validation_fraction)) < n_train:
+            off = {"--target-kl none": config.target_kl is not None,
+                   "--target-faithfulness none": config.target_faithfulness is not None,
+                   "--no-certify": config.certify,
+                   "--validate-every none": config.validate_every is not None}  # fmt: skip
+            raise SystemExit(
+                f"--n-prompts {n}: its {n_train} training prompts leave none to validate on "
+                f"(fit holds out --validation-fraction {config.validation_fraction} of them to "
+                "select, certify or stop on). Ask for more prompts (a few hundred), or train on "
+                f"all of them: {' '.join(flag for flag, on in off.items() if on)}."
+            )
+
+
 def discover(args: argparse.Namespace) -> dict[str, Any]:
     args.seed = 0 if args.seed is None else args.seed
     args.n_prompts = args.n_prompts or DEFAULT_PROMPTS
     if args.batched_seeds and not args.seeds:
         raise SystemExit("--batched-seeds trains several seeds at once; name them: --seeds 0 1 2.")
     config = _config(args)
+    _check_prompt_count(args, config)
     torch.manual_seed(args.seed)
     model, task = _model_and_task(args)
     train, held_out = task.split(args.train_fraction, seed=args.seed)

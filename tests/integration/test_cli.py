@@ -275,3 +275,26 @@ def test_an_unknown_task_is_refused_before_the_model_loads(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["discover", "--task", "ioi2"])
     assert exit_info.value.code == 2 and "greater_than" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--n-prompts", "2"], r"--n-prompts 2: .*no held-out prompt\. Ask for more prompts"),
+     (["--n-prompts", "3"], r"--n-prompts 3: its 2 training prompts leave none to validate on"
+                            r".*all of them: --target-kl none --target-faithfulness none\.$"),
+     (["--n-prompts", "3", "--target-kl", "none", "--target-faithfulness", "none",
+       "--certify"], r"leave none to validate on .*all of them: --no-certify\.$")],  # fmt: skip
+)
+def test_too_few_prompts_are_named_before_the_model_loads_with_the_way_out(
+    monkeypatch, options, message
+):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit, match=message):
+        main(["discover", *PLANTED, *options])
+
+
+def test_a_few_prompts_train_without_the_budgets(tmp_path):
+    out = tmp_path / "few.json"
+    off = ["--target-kl", "none", "--target-faithfulness", "none"]
+    assert main(["discover", *PLANTED, "--n-prompts", "3", *off, "--out", str(out)]) == 0
+    assert tnp.Circuit.load(out).meta["n_prompts"] == 3
