@@ -1,12 +1,13 @@
 """Issue 20, item 1: discovery returns exactly the compiled circuit, every seed 0-4.
 
 Every compiled model (tl_nodeprune.compiled), every flavour this TransformerLens builds;
-default PruneConfig except the granularities (blocks and heads, what the truth gates) and one
-noise draw per prompt (`gate_noise="example"`). Every needed node's lone removal costs KL >= 0.2
-(test_compiled_models), 7x a head's price and more, so a circuit that misses one is wrong, not
-a trade-off. With the default shared draw (`gate_noise="batch"`) 11 of these 55 runs lose
-needed nodes for good (docs/lab/quality.md, section 8); `python -m bench.compiled_recovery
-[--set gate_noise=example]` prints which nodes and their log_alpha.
+default PruneConfig (a KL budget, a faithfulness band, one noise draw per prompt) except the
+granularities (blocks and heads, what the truth gates). Every needed node's lone removal costs
+KL >= 0.2 (test_compiled_models), 7x a head's price and more, so a circuit that misses one is
+wrong, not a trade-off. With one draw shared by the batch (`gate_noise="batch"`, the compact
+setting) 11 of these 55 runs lose needed nodes for good (docs/lab/quality.md, section 8);
+`python -m bench.compiled_recovery [--set gate_noise=batch --set target_kl=None --set
+target_faithfulness=None]` prints which nodes and their log_alpha.
 """
 
 import pytest
@@ -24,10 +25,9 @@ N_PROMPTS = 64  # as bench.compiled_recovery, so its table describes this test
 @pytest.mark.parametrize("flavour", BUILT)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", COMPILED)
-def test_discovery_with_a_draw_per_prompt_recovers_the_exact_compiled_circuit(name, seed, flavour):
+def test_discovery_with_the_defaults_recovers_the_exact_compiled_circuit(name, seed, flavour):
     problem = compiled_problem(name, flavour, seed=seed, n_prompts=N_PROMPTS)
-    config = tnp.PruneConfig(progress=False, seed=seed, granularities=GRANULARITIES,
-                             gate_noise="example")  # fmt: skip
+    config = tnp.PruneConfig(progress=False, seed=seed, granularities=GRANULARITIES)
     result = tnp.NodePruner(problem.model, config).fit(problem.task)
     missed, extra = differences(problem.circuit, result.circuit)
     log_alpha = {
