@@ -331,15 +331,13 @@ def _check_prompt_count(args: argparse.Namespace, config: PruneConfig) -> None:
         )
     if config.holds_out and config.validation_split == "prompts":
         if not 0 < round(n_train * (1 - config.validation_fraction)) < n_train:
-            off = {"--target-kl none": config.target_kl is not None,
-                   "--target-faithfulness none": config.target_faithfulness is not None,
-                   "--no-certify": config.certify,
-                   "--validate-every none": config.validate_every is not None}  # fmt: skip
+            off = [f"{_flag(n)} none" if n != "certify" else "--no-certify"
+                   for n in config.held_out_for]  # fmt: skip
             raise SystemExit(
                 f"--n-prompts {n}: its {n_train} training prompts leave none to validate on "
                 f"(fit holds out --validation-fraction {config.validation_fraction} of them to "
                 "select, certify or stop on). Ask for more prompts (a few hundred), or train on "
-                f"all of them: {' '.join(flag for flag, on in off.items() if on)}."
+                f"all of them: {' '.join(off)}."
             )
 
 

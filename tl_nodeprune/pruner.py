@@ -440,7 +440,19 @@ class PruneConfig:
     def holds_out(self) -> bool:
         """Whether fit holds out validation_fraction of the prompts (to select, certify or stop
         on)."""
-        return self.selects or self.certify or self.validate_every is not None
+        return bool(self.held_out_for)
+
+    @property
+    def held_out_for(self) -> list[str]:
+        """The fields set so that fit holds out validation prompts (each off: None, or False
+        for certify): what an error about too few prompts names."""
+        on = {
+            "target_kl": self.target_kl is not None,
+            "target_faithfulness": self.target_faithfulness is not None,
+            "certify": self.certify,
+            "validate_every": self.validate_every is not None,
+        }
+        return [name for name, set_ in on.items() if set_]
 
     @property
     def selects(self) -> bool:
@@ -534,13 +546,7 @@ class NodePruner:
         """Split off the validation prompts; with too few prompts, say which settings hold them
         out and how to train on all of them instead."""
         cfg = self.config
-        settings = {
-            "target_kl": cfg.target_kl is not None,
-            "target_faithfulness": cfg.target_faithfulness is not None,
-            "certify": cfg.certify,
-            "validate_every": cfg.validate_every is not None,
-        }
-        uses = [name for name, on in settings.items() if on]
+        uses = cfg.held_out_for
         off = ", ".join(f"{n}={'False' if n == 'certify' else 'None'}" for n in uses)
         why = (f"fit holds out validation_fraction={cfg.validation_fraction} of the prompts "
                f"for {', '.join(uses)}")  # fmt: skip
