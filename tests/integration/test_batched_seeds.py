@@ -14,11 +14,10 @@ from tl_nodeprune.planted import planted_problem
 from tl_nodeprune.tasks.base import PromptTask
 from tl_nodeprune.training import BatchPlan
 
-from ..conftest import fails_cleanly, hook_count
+from ..conftest import NO_BUDGETS, fails_cleanly, hook_count
 
 SEEDS = (0, 1, 2)
 STEPS = 12
-NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import tl_nodeprune as tnp
 from tl_nodeprune.planted import available_flavours, planted_problem
 from tl_nodeprune.sweeps import granularity_sweep
 
-from ..conftest import hook_count
+from ..conftest import NO_BUDGETS, hook_count
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_faithfulness_curve_completeness_and_minimality_on_the_planted_circuit(p
 def test_sweep_circuits_shrink_as_the_target_sparsity_grows(problem):
     # The default budgets are off: with them each circuit is the smallest meeting them on the
     # validation prompts, whatever the target sparsity, and the sweep is what is tested here.
-    config = tnp.PruneConfig(steps=60, target_kl=None, target_faithfulness=None, progress=False)
+    config = tnp.PruneConfig(steps=60, progress=False, **NO_BUDGETS)
     result = tnp.sweep(problem.model, problem.task, config=config, targets=[0.1, 0.95])
     frame = result.frame
     assert frame.target_sparsity.tolist() == [0.1, 0.95]

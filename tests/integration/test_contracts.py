@@ -9,12 +9,9 @@ from tl_nodeprune.gates import GateSet
 from tl_nodeprune.planted import planted_problem, tiny_model
 from tl_nodeprune.sites import hook_name
 
-from ..conftest import hook_count
+from ..conftest import NO_BUDGETS, hook_count
 
 FAST = tnp.PruneConfig(steps=20, progress=False)
-# Tests of a mechanism other than the default budgets (target_kl, target_faithfulness) turn them
-# off, so that the budgets' scale does not hold the sparsity terms back.
-NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
 
 
 @pytest.fixture

@@ -18,10 +18,9 @@ from tl_nodeprune.node_scores import (
 from tl_nodeprune.planted import add_distractors, planted_problem, tiny_model
 from tl_nodeprune.tasks.base import PromptTask
 
-from ..conftest import fails_cleanly
+from ..conftest import NO_BUDGETS, fails_cleanly
 
 FAST = {"node_pruning": {"steps": 3}, "edge_pruning": {"steps": 3}}
-NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
 LEVEL_GRANS = {"blocks_heads": ("head", "mlp"), "neurons": ("head", "neuron")}
 
 

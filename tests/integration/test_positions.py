@@ -21,7 +21,7 @@ from tl_nodeprune.pruner import NodePruner, PruneConfig
 from tl_nodeprune.sites import ModelShape
 from tl_nodeprune.tasks.base import PromptTask
 
-from ..conftest import hook_count
+from ..conftest import NO_BUDGETS, hook_count
 
 GRANS = ("attn", "mlp", "head", "neuron")
 SEQ = 6
@@ -210,7 +210,7 @@ def test_absolute_positions_refuse_prompts_of_different_lengths() -> None:
     before = hook_count(model)
     # The default budgets are off: they would refuse two prompts first (too few to hold out a
     # validation quarter), and the positions' refusals are what is tested here.
-    off = {"target_kl": None, "target_faithfulness": None, "steps": 2, "progress": False}
+    off = {**NO_BUDGETS, "steps": 2, "progress": False}
     with pytest.raises(ValueError, match="positions='absolute' needs prompts of one length"):
         NodePruner(model, PruneConfig(positions="absolute", **off)).fit(task)
     assert hook_count(model) == before

@@ -8,9 +8,7 @@ import tl_nodeprune as tnp
 from tl_nodeprune.evaluation import Evaluator
 from tl_nodeprune.planted import planted_problem
 
-# The default budgets are off: with them the circuit is selected along the gate order on the
-# validation prompts after training, which is not the stopping by validation loss tested here.
-NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
+from ..conftest import NO_BUDGETS
 
 
 def test_the_run_returns_exactly_the_gates_it_had_after_the_best_check(monkeypatch):

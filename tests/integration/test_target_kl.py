@@ -11,11 +11,12 @@ import torch
 import tl_nodeprune as tnp
 from tl_nodeprune.planted import add_distractors, planted_problem
 
+from ..conftest import NO_BUDGETS
+
 STEPS = 300  # the scale needs ~150 steps to find its level and ~100 more for the gates to settle
 # Both budgets are on by default: tests of the KL budget alone turn the faithfulness band off,
 # and the runs "without a budget" turn both off.
 NO_BAND = {"target_faithfulness": None}
-NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
 
 
 @pytest.fixture(scope="module")
