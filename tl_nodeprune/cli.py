@@ -20,6 +20,7 @@ from .circuit import Circuit
 from .evaluation import evaluate
 from .granularities import SPECS
 from .pruner import NodePruner, PruneConfig
+from .tasks.base import split_size
 
 PLANTED = "planted"
 # 800 of 1,000 prompts to train on: 150 steps of 8 see each at most twice, so a circuit fits
@@ -323,22 +324,26 @@ def discover_config(argv: list[str]) -> PruneConfig:
 def _check_prompt_count(args: argparse.Namespace, config: PruneConfig) -> None:
     """Refuse, before a model loads, a prompt count too small for discover's split (training
     and held-out prompts) or for fit's (a validation share of the training prompts)."""
-    n, n_train = args.n_prompts, round(args.n_prompts * args.train_fraction)
-    if not 0 < n_train < n:
+    n = args.n_prompts
+    try:
+        n_train = split_size(n, args.train_fraction)
+    except ValueError:
         raise SystemExit(
             f"--n-prompts {n}: at --train-fraction {args.train_fraction} that leaves no training "
             "or no held-out prompt. Ask for more prompts (a few hundred)."
-        )
+        ) from None
     if config.holds_out and config.validation_split == "prompts":
-        if not 0 < round(n_train * (1 - config.validation_fraction)) < n_train:
-            off = [f"{_flag(n)} none" if n != "certify" else "--no-certify"
-                   for n in config.held_out_for]  # fmt: skip
+        try:
+            split_size(n_train, 1 - config.validation_fraction)
+        except ValueError:
+            off = [f"{_flag(name)} none" if name != "certify" else "--no-certify"
+                   for name in config.held_out_for]  # fmt: skip
             raise SystemExit(
                 f"--n-prompts {n}: its {n_train} training prompts leave none to validate on "
                 f"(fit holds out --validation-fraction {config.validation_fraction} of them to "
                 "select, certify or stop on). Ask for more prompts (a few hundred), or train on "
                 f"all of them: {' '.join(off)}."
-            )
+            ) from None
 
 
 def discover(args: argparse.Namespace) -> dict[str, Any]:

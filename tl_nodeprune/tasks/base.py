@@ -42,6 +42,15 @@ def _as_2d(ids: Any, name: str) -> Tensor:
 SplitBy = Literal["prompts", "groups"]
 
 
+def split_size(n: int, train_fraction: float) -> int:
+    """How many of `n` prompts a split by prompts trains on; refuses a split that leaves either
+    part empty (the CLI asks this before it loads a model)."""
+    n_train = round(n * train_fraction)
+    if not 0 < n_train < n:
+        raise ValueError(f"Cannot split {n} prompts at {train_fraction}: need more.")
+    return n_train
+
+
 @dataclass(frozen=True, eq=False)
 class PromptTask:
     """Clean and corrupted prompts (right-padded), answer ids and where each answer is read.
@@ -320,9 +329,7 @@ class PromptTask:
             return self._split_groups(train_fraction, seed)
         if by != "prompts":
             raise ValueError(f"by must be 'prompts' or 'groups', got {by!r}.")
-        n_train = round(len(self) * train_fraction)
-        if not 0 < n_train < len(self):
-            raise ValueError(f"Cannot split {len(self)} prompts at {train_fraction}: need more.")
+        n_train = split_size(len(self), train_fraction)
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return perm[:n_train].sort().values, perm[n_train:].sort().values
 
