@@ -21,15 +21,12 @@ from tl_nodeprune.planted import (
 )
 from tl_nodeprune.training import FewValidationPromptsWarning
 
-from ..conftest import hook_count
+from ..conftest import NO_BUDGETS, hook_count
 
 pytestmark = pytest.mark.skipif(
     "bridge-native" not in available_flavours(), reason="needs TransformerBridge.boot_native"
 )
 GATED = ("attn", "mlp", "head", "neuron")
-# Tests of a mechanism other than the default budgets (target_kl, target_faithfulness) turn them
-# off, so they keep testing what they name.
-NO_BUDGETS = {"target_kl": None, "target_faithfulness": None}
 
 
 def _random_task(d_vocab: int, n: int = 32, seq: int = 8, seed: int = 0) -> tnp.PromptTask:
@@ -143,15 +140,28 @@ def test_distractor_heads_with_small_effects_are_pruned():
 
 
 @pytest.mark.slow  # 300 steps on 64 prompts: about a minute on two cores
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured (issue 10): with 300 default steps, distractor neuron m0.n28 (norm 0.003, "
-    "alone about 30x below the 0.0007 neuron price in KL) stays in the circuit",
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param(
+            {**NO_BUDGETS, "gate_noise": "batch"},
+            id="compact",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="measured (issue 10): penalties alone keep distractor neuron m0.n28 (norm "
+                "0.003, alone about 30x below the neuron price in KL) in the circuit",
+            ),
+        ),
+    ],
 )
-def test_distractor_neurons_with_small_effects_are_pruned():
+def test_distractor_neurons_with_small_effects_are_pruned(settings):
+    # The defaults' budgets select the smallest circuit within them on validation prompts,
+    # which leaves the weak distractor out; the compact setting keeps it.
     problem = planted_problem("bridge-native", seed=0)
     problem = add_distractors(problem, per_layer=2, strength=0.003)
-    found = tnp.NodePruner(problem.model, tnp.PruneConfig(progress=False)).fit(problem.task)
+    config = tnp.PruneConfig(progress=False, **settings)
+    found = tnp.NodePruner(problem.model, config).fit(problem.task)
     _assert_same_nodes(found.circuit, problem.circuit)
 
 
