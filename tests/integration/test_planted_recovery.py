@@ -6,10 +6,14 @@ import torch
 import tl_nodeprune as tnp
 from tl_nodeprune.planted import planted_problem
 
+# The defaults check their budgets on a quarter of the prompts: 128 gives 32 validation prompts.
+# With 64 (16), TransformerLens 3.9's HookedTransformer at seed 2 dropped planted neuron m2.n4
+# (KL 0.32 over all 64 prompts) that its 16 validation prompts did not show; at 128 every
+# flavour and seed is exact.
 CASES = [
-    {"seed": 0},
-    {"seed": 1, "n_layers": 4, "n_heads": 2, "d_mlp": 16, "silent_layer": 2},
-    {"seed": 2, "heads_per_layer": 2, "neurons_per_layer": 2, "d_mlp": 24},
+    {"seed": 0, "n_prompts": 128},
+    {"seed": 1, "n_layers": 4, "n_heads": 2, "d_mlp": 16, "silent_layer": 2, "n_prompts": 128},
+    {"seed": 2, "heads_per_layer": 2, "neurons_per_layer": 2, "d_mlp": 24, "n_prompts": 128},
 ]
 
 
