@@ -336,8 +336,8 @@ def _check_prompt_count(args: argparse.Namespace, config: PruneConfig) -> None:
         try:
             split_size(n_train, 1 - config.validation_fraction)
         except ValueError:
-            off = [f"{_flag(name)} none" if name != "certify" else "--no-certify"
-                   for name in config.held_out_for]  # fmt: skip
+            off = [f"--no-{_flag(name)[2:]}" if value is False else f"{_flag(name)} none"
+                   for name, value in config.held_out_for.items()]  # fmt: skip
             raise SystemExit(
                 f"--n-prompts {n}: its {n_train} training prompts leave none to validate on "
                 f"(fit holds out --validation-fraction {config.validation_fraction} of them to "

@@ -443,16 +443,16 @@ class PruneConfig:
         return bool(self.held_out_for)
 
     @property
-    def held_out_for(self) -> list[str]:
-        """The fields set so that fit holds out validation prompts (each off: None, or False
-        for certify): what an error about too few prompts names."""
-        on = {
-            "target_kl": self.target_kl is not None,
-            "target_faithfulness": self.target_faithfulness is not None,
-            "certify": self.certify,
-            "validate_every": self.validate_every is not None,
+    def held_out_for(self) -> dict[str, bool | None]:
+        """The fields set so that fit holds out validation prompts, each with the value that
+        turns it off: what an error about too few prompts names as the way out."""
+        off: dict[str, bool | None] = {
+            "target_kl": None,
+            "target_faithfulness": None,
+            "certify": False,
+            "validate_every": None,
         }
-        return [name for name, set_ in on.items() if set_]
+        return {name: value for name, value in off.items() if getattr(self, name) is not value}
 
     @property
     def selects(self) -> bool:
@@ -547,7 +547,7 @@ class NodePruner:
         out and how to train on all of them instead."""
         cfg = self.config
         uses = cfg.held_out_for
-        off = ", ".join(f"{n}={'False' if n == 'certify' else 'None'}" for n in uses)
+        off = ", ".join(f"{name}={value}" for name, value in uses.items())
         why = (f"fit holds out validation_fraction={cfg.validation_fraction} of the prompts "
                f"for {', '.join(uses)}")  # fmt: skip
         try:
