@@ -31,6 +31,17 @@ NEURON_COLUMNS = {"mlp_blocks": "MLP blocks", "coarse_neurons": "neurons run",
 NP_SUFFIX = ": node pruning"  # irrelevant_neurons' name for node pruning's row of a circuit
 LEVEL_TITLES = {"blocks_heads": "heads and MLP blocks (MIB's node level)",
                 "neurons": "heads and neurons"}  # fmt: skip
+# The summary the README quotes: (level, column, heading, format), one row per method.
+SUMMARY = [
+    ("blocks_heads", "cpr", "CPR", ".2f"), ("blocks_heads", "n_f", "n for f >= T", ",.0f"),
+    ("blocks_heads", "heads_f", "heads", ",.0f"), ("blocks_heads", "mlp_f", "MLP blocks", ",.0f"),
+    ("blocks_heads", "kl_at_n_f", "KL there", ".2f"),
+    ("blocks_heads", "f_at_size", "f at NP size", ".2f"),
+    ("blocks_heads", "kl_at_size", "KL at NP size", ".2f"),
+    ("neurons", "n_f", "n for f >= T, neuron level", ",.0f"),
+    ("blocks_heads", "seconds", "s", ",.0f"), ("blocks_heads", "peak_gib", "peak GiB", ".1f"),
+]  # fmt: skip
+SUMMARY_HEADING = "## Summary"
 
 
 def spread(frame: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
@@ -54,6 +65,30 @@ def _cell(values: pd.Series, n: int) -> str:
     if len(values) > 1:
         text += f" ± {std:.0f}" if std >= 100 else f" ± {std:.2g}"
     return text if len(values) == n else f"{text} ({len(values)}/{n} seeds)"
+
+
+def summary_table(table: pd.DataFrame) -> str:
+    """The README's table: per method, `SUMMARY`'s columns as the mean over seeds with
+    [min, max] (the value alone for one seed)."""
+    table = table.assign(peak_gib=pd.to_numeric(table.peak_mib, errors="coerce") / 1024)
+    rows = []
+    for method in dict.fromkeys(table.method):
+        row = [method]
+        for level, column, _, fmt in SUMMARY:
+            part = table[(table.method == method) & (table.level == level)]
+            values = pd.to_numeric(part[column], errors="coerce").dropna()
+            row.append(_range(values, fmt))
+        rows.append(row)
+    return pipe_table(["method", *(heading for _, _, heading, _ in SUMMARY)], rows)
+
+
+def _range(values: pd.Series, fmt: str) -> str:
+    if not len(values):
+        return "-"
+    if len(values) == 1:
+        return format(values.iloc[0], fmt)
+    mean, low, high = (format(x, fmt) for x in (values.mean(), values.min(), values.max()))
+    return f"{mean} [{low}, {high}]"
 
 
 def curves_figure(curves: pd.DataFrame, target_f: float) -> go.Figure:
@@ -110,6 +145,8 @@ def markdown(args: argparse.Namespace, command: str, table: pd.DataFrame,
              f"    {command}", "", _settings(args, table), ""]  # fmt: skip
     if "ablated" in table and (table.ablated == "edges").any():
         lines += [_EDGES_NOTE, ""]
+    note = _SUMMARY_NOTE.format(t=args.target_f)
+    lines += [SUMMARY_HEADING, "", note, "", summary_table(table), ""]
     for level in dict.fromkeys(table.level):
         part = table[table.level == level]
         at = spread(part.assign(key=0), ["key"], ["at_size"]).at_size.iloc[0]
@@ -137,6 +174,12 @@ _EDGES_NOTE = (
     "the heads, MLP blocks (and their neurons) those edges read from or write to. Every other "
     "row, the edge methods' included, ablates the nodes outside its top nodes (column "
     "`ablated` in the per-seed table)."
+)
+_SUMMARY_NOTE = (
+    "Each cell: the mean over seeds [min, max]. n: the smallest circuit with held-out f >= "
+    "T = {t} (heads, MLP blocks: its parts), and its KL; f and KL at node pruning's size; s and "
+    "peak GiB: scoring the method (node and edge pruning: training). Heads-and-MLP-blocks level "
+    "except the neuron-level n."
 )
 _NEURONS_NOTE = (
     "For each method's heads-and-MLP-blocks circuit at its f >= T size (and edge pruning's own "
