@@ -1,0 +1,37 @@
+"""The comparison study's summary table, which the README quotes."""
+
+import math
+
+import pandas as pd
+
+from bench.comparison_output import SUMMARY, summary_table
+
+
+def _row(method, level, seed, n_f, **more):
+    row = {"method": method, "level": level, "seed": seed, "cpr": 0.7 + 0.1 * seed, "n_f": n_f,
+           "heads_f": n_f - 30, "mlp_f": 30, "kl_at_n_f": 0.1, "f_at_size": 0.9,
+           "kl_at_size": 0.2, "seconds": 300.0 + seed, "peak_mib": 1024.0 * (7 + seed)}  # fmt: skip
+    return row | more
+
+
+def test_the_summary_reads_each_column_at_its_level_and_spans_the_seeds():
+    table = pd.DataFrame([
+        _row("node_pruning", "blocks_heads", 0, 80), _row("node_pruning", "neurons", 0, 2_000),
+        _row("node_pruning", "blocks_heads", 1, 60), _row("node_pruning", "neurons", 1, 40_000),
+        _row("random", "blocks_heads", 0, math.nan, cpr=0.25),
+        _row("random", "neurons", 0, 42_366, cpr=0.2),
+    ])  # fmt: skip
+    lines = summary_table(table).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == ["method", *(heading for _, _, heading, _ in SUMMARY)]
+    ours, rnd = ({h: c.strip() for h, c in zip(head, line.strip("|").split("|"), strict=True)}
+                 for line in lines[2:])  # fmt: skip
+    assert ours["method"] == "node_pruning" and rnd["method"] == "random"
+    # block-level n from the block rows, neuron-level n from the neuron rows: mean [min, max]
+    assert ours["n for f >= T"] == "70 [60, 80]"
+    assert ours["n for f >= T, neuron level"] == "21,000 [2,000, 40,000]"
+    assert ours["CPR"] == "0.75 [0.70, 0.80]"  # the block level's CPR, not the neurons'
+    assert ours["peak GiB"] == "7.5 [7.0, 8.0]"
+    # one seed: the value alone; a size never reached: '-'
+    assert rnd["CPR"] == "0.25" and rnd["n for f >= T"] == "-"
+    assert rnd["n for f >= T, neuron level"] == "42,366"
