@@ -3,10 +3,14 @@
 import re
 from pathlib import Path
 
+import pytest
+
+from bench.comparison_output import SUMMARY_HEADING
 from tl_nodeprune.evaluation import OVERSHOOT
 from tl_nodeprune.pruner import DEFAULT_NODE_COST, PruneConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+GENERATED = README.parent / "docs" / "generated"
 
 
 def test_readme_node_prices_are_the_codes():
@@ -33,3 +37,15 @@ def test_readme_default_budgets_are_the_codes():
     config = PruneConfig()
     code = [config.target_kl, config.target_faithfulness, OVERSHOOT]
     assert [float(x) for x in match.groups()] == code
+
+
+@pytest.mark.parametrize("task", ["ioi", "greater_than"])
+def test_readme_comparison_tables_are_the_generated_ones(task):
+    """The README's baselines tables are the comparison study's summaries as they stand in
+    docs/generated: a rerun that changes a number fails here until the README follows."""
+    md = (GENERATED / f"comparison_{task}.md").read_text()
+    assert SUMMARY_HEADING in md, f"comparison_{task}.md has no summary: rerun the study"
+    section = md.split(SUMMARY_HEADING, 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    assert table.count("\n") > 2
+    assert table in README.read_text(), f"the README's {task} table is not the study's"
