@@ -148,7 +148,7 @@ def smallest_reaching(
     from `total` stops in the dip at mid sizes and reports nearly every neuron needed."""
     if not measure(total).faithfulness >= target:
         return None
-    sizes = sorted({0, total, *(max(1, round(f * total)) for f in fractions if f * total < total)})
+    sizes = sorted({0, total, *(max(1, round(f * total)) for f in fractions)})
     low = -1
     for k in sizes:
         if measure(k).faithfulness >= target:
