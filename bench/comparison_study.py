@@ -29,7 +29,9 @@ per seed as JSON and reuses them when rerun with the same settings: on two CPU c
 SmolLM2 seed takes hours (activation patching alone ~45 s a node on 800 prompts), so the study
 can stop and go on. Each finished seed's measurements go to `--out` as
 comparison_<task>_seed<N>.json with the settings they were measured under; a rerun with the
-same settings reads them instead of measuring again (`--no-reuse-seeds`: measure every seed).
+same settings reads them instead of measuring again (`--no-reuse-seeds`: measure every seed);
+one whose irrelevant neurons came from an earlier search (`IRRELEVANT_SEARCH`) gets those alone
+recomputed from `--cache`.
 The method cache is large and stays on its machine; the seed files are small and committed, so
 a study spread over several machines adds a seed at a time.
 """
@@ -210,11 +212,7 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
     for method in args.methods:
         hit = read_cached(args, seed, method)
         if hit is not None:
-            out.scores[method], out.costs[method], circuit = hit
-            if method == "node_pruning":
-                out.node_circuit = circuit
-            elif method == "edge_pruning":
-                out.edge_circuit = circuit
+            take_cached(out, method, hit)
             continue
         cost: dict[str, float] = {}
         with peak_memory(model, cost):
@@ -249,6 +247,17 @@ def score_methods(model: Any, train: Any, args: argparse.Namespace, seed: int) -
     if args.edges_ablated:
         score_edges(model, train, args, seed, out)
     return out
+
+
+def take_cached(
+    out: Scored, method: str, hit: tuple[pd.Series, dict[str, float], Circuit | None]
+) -> None:
+    """One method's cached (scores, cost, own circuit) into `out`."""
+    out.scores[method], out.costs[method], circuit = hit
+    if method == "node_pruning":
+        out.node_circuit = circuit
+    elif method == "edge_pruning":
+        out.edge_circuit = circuit
 
 
 def score_edges(
@@ -430,19 +439,50 @@ def run_seed(args: argparse.Namespace, seed: int, model: Any) -> tuple[Any, ...]
         row["seed"] = seed
         if row["method"] == "edge_pruning" and edge is not None:
             row["edge_sparsity"] = 1 - len(edge.edges or ()) / edge.meta["n_edges_total"]
-    neurons = per_layer = pd.DataFrame()
-    if "node_pruning" in scored.scores and NodeList.from_model(model).shape.has("neuron"):
-        evaluator = curve_evaluator(model, held_out, "neurons")
-        neurons = irrelevant_neurons(model, held_out, coarse_circuits(model, scored, rows),
-                                     scored.scores["node_pruning"], args.target_f,
-                                     evaluator, args.refine)  # fmt: skip
-        per_layer = neurons.attrs.pop("per_layer").assign(seed=seed)
-        neurons = neurons.reset_index().assign(seed=seed)
-    return model, rows, curves, neurons, per_layer
+    return model, rows, curves, *seed_irrelevant(model, held_out, scored, rows, args, seed)
+
+
+def seed_irrelevant(model: Any, held_out: Any, scored: Scored, rows: list[dict[str, Any]],
+                    args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One seed's irrelevant neurons and neurons kept per layer (empty frames when node
+    pruning is not compared or the model has no neurons)."""
+    if "node_pruning" not in scored.scores or not NodeList.from_model(model).shape.has("neuron"):
+        return pd.DataFrame(), pd.DataFrame()
+    evaluator = curve_evaluator(model, held_out, "neurons")
+    neurons = irrelevant_neurons(model, held_out, coarse_circuits(model, scored, rows),
+                                 scored.scores["node_pruning"], args.target_f,
+                                 evaluator, args.refine)  # fmt: skip
+    per_layer = neurons.attrs.pop("per_layer").assign(seed=seed)
+    return neurons.reset_index().assign(seed=seed), per_layer
+
+
+def refresh_irrelevant(args: argparse.Namespace, seed: int, model: Any,
+                       rows: list[dict[str, Any]]) -> tuple[Any, ...] | None:  # fmt: skip
+    """(model, irrelevant neurons, per layer) of a seed file measured under an earlier
+    irrelevant-neurons search, recomputed from every method's cached scores (minutes, where
+    the whole seed takes hours); None when `--cache` lacks a method's."""
+    hits = {method: read_cached(args, seed, method) for method in args.methods}
+    if any(hit is None for hit in hits.values()):
+        print(f"seed {seed}: its irrelevant neurons come from an earlier search and --cache "
+              "lacks the scores to recompute them; measuring again")  # fmt: skip
+        return None
+    print(f"seed {seed}: recomputing its irrelevant neurons (an earlier search) from --cache",
+          flush=True)  # fmt: skip
+    model, _, held_out = load(args, seed, None if args.model == PLANTED else model)
+    scored = Scored()
+    for method, hit in hits.items():
+        take_cached(scored, method, hit)  # type: ignore[arg-type]
+    return model, *seed_irrelevant(model, held_out, scored, rows, args, seed)
 
 
 def _seed_path(args: argparse.Namespace, seed: int) -> Path:
     return args.out / f"comparison_{args.task}_seed{seed}.json"
+
+
+# The irrelevant-neurons search (`irrelevant.smallest_reaching`) the seed files record. Files
+# without it were measured by halving down from all neurons, which stops in the dip of node
+# pruning's non-monotone neuron curves; `refresh_irrelevant` recomputes their neurons alone.
+IRRELEVANT_SEARCH = "up the fractions, then bisect below the first hit"
 
 
 def study_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -450,7 +490,14 @@ def study_settings(args: argparse.Namespace) -> dict[str, Any]:
     keys them) and the curves' own."""
     curves = {k: getattr(args, k) for k in ("fractions", "refine", "edges_ablated", "target_f",
                                             "mib")}  # fmt: skip
+    curves["irrelevant_search"] = IRRELEVANT_SEARCH
     return {"methods": {m: _cache_settings(args, m) for m in args.methods}, "curves": curves}
+
+
+def _earlier_search(settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` as a file of the earlier irrelevant-neurons search would hold them."""
+    curves = {k: v for k, v in settings["curves"].items() if k != "irrelevant_search"}
+    return {**settings, "curves": curves}
 
 
 def _frame_json(frame: pd.DataFrame) -> dict[str, Any]:
@@ -490,14 +537,20 @@ def write_seed(args: argparse.Namespace, seed: int, rows: list[dict[str, Any]],
 
 def read_seed(args: argparse.Namespace, seed: int) -> tuple[Any, ...] | None:
     """(rows, curves by level, irrelevant neurons, neurons per layer) of a seed measured earlier
-    under the same settings, or None."""
+    under the same settings, or None; irrelevant neurons and per layer are None when only the
+    irrelevant-neurons search was an earlier one."""
     path = _seed_path(args, seed)
-    data = read_if_same(path, study_settings(args))
-    if data is None:
-        if path.exists():
-            print(f"seed {seed}: {path} was measured under other settings; measuring again")
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    settings = json.loads(json.dumps(study_settings(args)))
+    earlier = data["settings"] == _earlier_search(settings)
+    if data["settings"] != settings and not earlier:
+        print(f"seed {seed}: {path} was measured under other settings; measuring again")
         return None
     curves = {level: _json_frame(c) for level, c in data["curves"].items()}
+    if earlier:
+        return data["rows"], curves, None, None
     return (data["rows"], curves, _json_frame(data["neurons"]),
             _json_frame(data["per_layer"]))  # fmt: skip
 
@@ -511,6 +564,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     model, rows, curves, neurons, layers = None, [], [], [], []
     for seed in args.seeds:
         measured = read_seed(args, seed) if args.reuse_seeds else None
+        if measured is not None and measured[2] is None:  # an earlier irrelevant search
+            refreshed = refresh_irrelevant(args, seed, model, measured[0])
+            if refreshed is None:
+                measured = None
+            else:
+                model, neurons_now, per_layer_now = refreshed
+                measured = (*measured[:2], neurons_now, per_layer_now)
+                write_seed(args, seed, *measured)
         if measured is None:
             model, *measured = run_seed(args, seed, model)
             write_seed(args, seed, *measured)

@@ -1,6 +1,7 @@
 """The comparison study (issue 19): its script end to end, and the irrelevant-neurons count."""
 
 import functools
+import json
 import math
 
 import pandas as pd
@@ -212,3 +213,43 @@ def test_a_seed_measured_earlier_is_read_back_exactly_and_only_under_the_same_se
         comparison_study.main([*argv, "--fractions", "0.1", "0.5", "1"])
     with pytest.raises(AssertionError, match="measured again"):
         comparison_study.main([*argv, "--no-reuse-seeds"])
+
+
+def test_a_seed_file_from_the_earlier_irrelevant_search_gets_its_neurons_alone_recomputed(
+    tmp_path, monkeypatch
+):
+    """A seed file measured before the irrelevant-neurons search changed keeps its rows and
+    curves; its irrelevant neurons are recomputed from the cached scores (nothing scored or
+    trained again) and the file is rewritten under the current settings. Without the cache
+    there is nothing to recompute them from, and the seed is measured again."""
+    argv = ["--model", "planted", "--seeds", "0", "--steps", str(STEPS), "--edge-steps", "10",
+            "--methods", "node_pruning", "eap", "edge_pruning", "random", "--no-png",
+            "--no-edges-ablated", "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache")]  # fmt: skip
+    first = comparison_study.main(argv)
+    seed_file = tmp_path / "out" / "comparison_planted_seed0.json"
+    current = json.loads(seed_file.read_text())
+    written = {k: first[k].read_bytes() for k in ("csv", "curves_csv", "neurons_csv")}
+    assert len(pd.read_csv(first["neurons_csv"])) > 0
+
+    earlier = json.loads(seed_file.read_text())
+    del earlier["settings"]["curves"]["irrelevant_search"]
+    neurons = earlier["neurons"]
+    needed = neurons["columns"].index("needed")
+    for row in neurons["data"]:  # what the earlier search reported: every neuron needed
+        row[needed] = 10**6
+    seed_file.write_text(json.dumps(earlier))
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    for name in ("method_scores", "edge_pruning", "run_seed"):
+        monkeypatch.setattr(comparison_study, name, never)
+    monkeypatch.setattr(NodePruner, "fit", never)
+    second = comparison_study.main(argv)
+    assert {k: second[k].read_bytes() for k in written} == written
+    assert json.loads(seed_file.read_text()) == current
+
+    seed_file.write_text(json.dumps(earlier))
+    with pytest.raises(AssertionError, match="measured again"):
+        comparison_study.main([*argv[:-2], "--cache", str(tmp_path / "empty")])
