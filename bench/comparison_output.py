@@ -158,7 +158,7 @@ def markdown(args: argparse.Namespace, command: str, table: pd.DataFrame,
                   ""]  # fmt: skip
     if len(neurons):
         summary = spread(neurons, ["circuit"], list(NEURON_COLUMNS))
-        lines += ["## Irrelevant neurons", "", _NEURONS_NOTE, "",
+        lines += ["## Irrelevant neurons", "", _NEURONS_NOTE + _neuron_seeds(args, neurons), "",
                   pipe_table(["circuit", *NEURON_COLUMNS.values()],
                              summary.itertuples(index=False)), ""]  # fmt: skip
     lines += [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
@@ -187,6 +187,16 @@ _NEURONS_NOTE = (
     "MLP blocks: the smallest measured k with held-out f >= min(the circuit's own f, T) "
     "(`tl_nodeprune.irrelevant`). 'irrelevant share' = 1 - k / neurons the circuit runs."
 )
+
+
+def _neuron_seeds(args: argparse.Namespace, neurons: pd.DataFrame) -> str:
+    """The seeds the irrelevant neurons span, said when some of the study's are missing."""
+    have = sorted(set(neurons.seed))
+    if have == sorted(args.seeds):
+        return ""
+    return (f" Seeds {' '.join(map(str, have))} only: the others' seed files come from an "
+            "earlier irrelevant-neurons search and their method scores were not in the cache "
+            "to recompute it.")
 
 
 def _settings(args: argparse.Namespace, table: pd.DataFrame) -> str:
@@ -254,6 +264,9 @@ def write_outputs(
         neurons.to_csv(files["neurons_csv"], index=False)
         layers.rename_axis("circuit").to_csv(out / f"{stem}_neurons_per_layer.csv")
         figures["neurons per layer"] = neurons_figure(layers)
+    else:  # no seed has them now: an earlier run's files would read as this one's
+        for name in ("neurons.csv", "neurons_per_layer.csv", "neurons_per_layer.png"):
+            (out / f"{stem}_{name}").unlink(missing_ok=True)
     pngs = {}
     if args.png:
         for name, fig in figures.items():
@@ -267,7 +280,7 @@ def write_outputs(
         parts += [("h2", LEVEL_TITLES.get(level, level)),
                   ("table", summary.rename(columns=COLUMNS))]  # fmt: skip
     if len(neurons):
-        parts += [("h2", "Irrelevant neurons"), ("p", _NEURONS_NOTE),
+        parts += [("h2", "Irrelevant neurons"), ("p", _NEURONS_NOTE + _neuron_seeds(args, neurons)),
                   ("table", spread(neurons, ["circuit"], list(NEURON_COLUMNS))
                    .rename(columns=NEURON_COLUMNS))]  # fmt: skip
     parts += [("figure", fig) for fig in figures.values()]

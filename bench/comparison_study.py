@@ -31,7 +31,7 @@ can stop and go on. Each finished seed's measurements go to `--out` as
 comparison_<task>_seed<N>.json with the settings they were measured under; a rerun with the
 same settings reads them instead of measuring again (`--no-reuse-seeds`: measure every seed);
 one whose irrelevant neurons came from an earlier search (`IRRELEVANT_SEARCH`) gets those alone
-recomputed from `--cache`.
+recomputed from `--cache` (without the scores there, they are left out of the tables).
 The method cache is large and stays on its machine; the seed files are small and committed, so
 a study spread over several machines adds a seed at a time.
 """
@@ -462,9 +462,10 @@ def refresh_irrelevant(args: argparse.Namespace, seed: int, model: Any,
     irrelevant-neurons search, recomputed from every method's cached scores (minutes, where
     the whole seed takes hours); None when `--cache` lacks a method's."""
     hits = {method: read_cached(args, seed, method) for method in args.methods}
-    if any(hit is None for hit in hits.values()):
+    if missing := [method for method, hit in hits.items() if hit is None]:
         print(f"seed {seed}: its irrelevant neurons come from an earlier search and --cache "
-              "lacks the scores to recompute them; measuring again")  # fmt: skip
+              f"lacks {', '.join(missing)}'s scores to recompute them; its rows and curves are "
+              "used, its irrelevant neurons left out (--no-reuse-seeds: measure it again)")
         return None
     print(f"seed {seed}: recomputing its irrelevant neurons (an earlier search) from --cache",
           flush=True)  # fmt: skip
@@ -566,8 +567,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         measured = read_seed(args, seed) if args.reuse_seeds else None
         if measured is not None and measured[2] is None:  # an earlier irrelevant search
             refreshed = refresh_irrelevant(args, seed, model, measured[0])
-            if refreshed is None:
-                measured = None
+            if refreshed is None:  # the file stays as it is, to be refreshed with the cache
+                measured = (*measured[:2], pd.DataFrame(), pd.DataFrame())
             else:
                 model, neurons_now, per_layer_now = refreshed
                 measured = (*measured[:2], neurons_now, per_layer_now)

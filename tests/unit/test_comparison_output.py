@@ -1,10 +1,11 @@
 """The comparison study's summary table, which the README quotes."""
 
+import argparse
 import math
 
 import pandas as pd
 
-from bench.comparison_output import SUMMARY, summary_table
+from bench.comparison_output import SUMMARY, markdown, summary_table
 
 
 def _row(method, level, seed, n_f, **more):
@@ -35,3 +36,24 @@ def test_the_summary_reads_each_column_at_its_level_and_spans_the_seeds():
     # one seed: the value alone; a size never reached: '-'
     assert rnd["CPR"] == "0.25" and rnd["n for f >= T"] == "-"
     assert rnd["n for f >= T, neuron level"] == "42,366"
+
+
+def test_the_irrelevant_neurons_say_which_seeds_they_span_when_not_all(tmp_path):
+    """A seed left out of the irrelevant neurons (its file from an earlier search, no cache to
+    recompute it) is named in the page, so a mean over fewer seeds is not read as all."""
+    more = {"cmd": 0.1, "neurons_f": 0, "n_kl_0.3": 90, "n_kl_0.1": 100, "at_size": 80}
+    table = pd.DataFrame([_row("node_pruning", "blocks_heads", s, 80, **more) for s in (0, 1, 2)])
+    neurons = pd.DataFrame({"circuit": ["eap", "eap"], "mlp_blocks": [20, 21],
+                            "coarse_neurons": [30_720, 32_256], "coarse_f": [0.95, 0.93],
+                            "target": [0.9, 0.9], "needed": [464, 500], "f_needed": [0.93, 0.92],
+                            "kl_needed": [0.1, 0.2], "irrelevant": [0.98, 0.98],
+                            "seed": [1, 2]})  # fmt: skip
+    args = argparse.Namespace(
+        seeds=[0, 1, 2], task="ioi", model="m", target_f=0.9, n_prompts=10, steps=None,
+        train_fraction=0.8, fractions=[0.5, 1.0], refine=0.0, patching_prompts=None,
+        methods=["node_pruning"],
+    )
+    page = markdown(args, "cmd", table, neurons, {})
+    assert "Seeds 1 2 only" in page
+    args.seeds = [1, 2]
+    assert "only:" not in markdown(args, "cmd", table[table.seed > 0], neurons, {})
