@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,22 +118,49 @@ def curves_figure(curves: pd.DataFrame, target_f: float) -> go.Figure:
 
 
 def neurons_figure(layers: pd.DataFrame) -> go.Figure:
-    """Neurons kept per layer: each coarse circuit runs every neuron of its kept MLP blocks;
-    node pruning's bars are the neurons it needs inside them (mean over seeds)."""
-    mean = layers.drop(columns="seed").groupby(level=0, sort=False).mean()
-    fig = go.Figure()
+    """Neurons kept per layer, one panel per coarse circuit and seed: the neurons it runs
+    (every neuron of its kept MLP blocks, grey) and over them those node pruning needs inside
+    them for the same faithfulness. Per seed, not a mean: on some seeds node pruning needs 1%
+    of a circuit's neurons and on others all of them, and a mean would draw neither."""
+    circuits = [str(n) for n in dict.fromkeys(layers.index) if not str(n).endswith(NP_SUFFIX)]
+    seeds = sorted(set(layers.seed))
+    panels = [(c, s) for c in circuits for s in seeds]
+    per_layer = {(str(n), seed): row.drop("seed") for n, row in layers.iterrows()
+                 for seed in [row.seed]}  # fmt: skip
+
+    def title(circuit: str, seed: int) -> str:
+        runs, needs = per_layer.get((circuit, seed)), per_layer.get((circuit + NP_SUFFIX, seed))
+        if runs is None:
+            return f"{circuit}, seed {seed}: -"
+        text = f"{circuit}, seed {seed}: runs {runs.sum():,.0f}"
+        return text + ("" if needs is None else f", NP needs {needs.sum():,.0f}")
+
+    fig = make_subplots(rows=len(circuits), cols=len(seeds), shared_xaxes=True,
+                        shared_yaxes=True, subplot_titles=[title(*p) for p in panels],
+                        vertical_spacing=0.3 / max(len(circuits), 1),
+                        horizontal_spacing=0.03)  # fmt: skip
     palette = pio.templates["plotly"].layout.colorway
-    circuits = [n for n in mean.index if not str(n).endswith(NP_SUFFIX)]
-    for name, row in mean.iterrows():
-        ours = str(name).endswith(NP_SUFFIX)  # a circuit and its node pruning bar: one colour
-        colour = palette[circuits.index(str(name).removesuffix(NP_SUFFIX)) % len(palette)]
-        fig.add_trace(go.Bar(x=[int(c) for c in row.index], y=row.to_numpy(), name=str(name),
-                             marker={"color": colour, "pattern_shape": "" if ours else "/",
-                                     "opacity": 1.0 if ours else 0.45}))  # fmt: skip
-    fig.update_layout(title="MLP neurons kept per layer: coarse circuits vs node pruning inside "
-                      "them, same faithfulness", barmode="group", xaxis_title="layer",
-                      yaxis_title="neurons kept", yaxis_type="log", height=450,
-                      width=1100)  # fmt: skip
+    top = max(1.0, float(layers.drop(columns="seed").to_numpy().max()))
+    for i, (circuit, seed) in enumerate(panels):
+        row, col = divmod(i, len(seeds))
+        for name, colour, label in ((circuit, "lightgrey", "the circuit runs"),
+                                    (circuit + NP_SUFFIX, palette[0], "node pruning needs")):
+            values = per_layer.get((name, seed))
+            if values is None:
+                continue
+            fig.add_trace(go.Bar(x=[int(c) for c in values.index], y=values.to_numpy(),
+                                 name=label, marker_color=colour, legendgroup=label,
+                                 showlegend=i == 0,
+                                 hovertemplate=f"{name}, seed {seed}<br>layer %{{x}}: "
+                                               "%{y:,.0f}<extra></extra>"),
+                          row=row + 1, col=col + 1)  # fmt: skip
+    fig.update_yaxes(type="log", dtick=1, range=[0, math.log10(top) + 0.1])
+    fig.update_yaxes(title_text="neurons", col=1)
+    fig.update_xaxes(title_text="layer", row=len(circuits))
+    fig.update_annotations(font_size=11)
+    fig.update_layout(title="MLP neurons per layer: each coarse circuit against node pruning "
+                      "inside it, same faithfulness", barmode="overlay",
+                      height=140 + 160 * len(circuits), width=420 * len(seeds) + 180)  # fmt: skip
     return fig
 
 

@@ -5,7 +5,7 @@ import math
 
 import pandas as pd
 
-from bench.comparison_output import SUMMARY, markdown, summary_table
+from bench.comparison_output import SUMMARY, markdown, neurons_figure, summary_table
 
 
 def _row(method, level, seed, n_f, **more):
@@ -57,3 +57,21 @@ def test_the_irrelevant_neurons_say_which_seeds_they_span_when_not_all(tmp_path)
     assert "Seeds 1 2 only" in page
     args.seeds = [1, 2]
     assert "only:" not in markdown(args, "cmd", table[table.seed > 0], neurons, {})
+
+
+def test_the_neurons_figure_draws_each_seed_not_their_mean():
+    """On greater-than node pruning needs 1% of a circuit's neurons on one seed and all of
+    them on another: the figure draws each seed's panel, so neither is hidden in a mean."""
+    layers = pd.DataFrame(
+        [[1536, 0, 1536, 1], [20, 0, 30, 1], [1536, 1536, 0, 2], [1536, 1536, 0, 2]],
+        columns=["0", "1", "2", "seed"],
+        index=pd.Index(["eap", "eap: node pruning"] * 2, name="circuit"),
+    )
+    fig = neurons_figure(layers)
+    drawn = {(t.hovertemplate.split("<br>")[0]): list(t.y) for t in fig.data}
+    assert drawn == {"eap, seed 1": [1536, 0, 1536], "eap: node pruning, seed 1": [20, 0, 30],
+                     "eap, seed 2": [1536, 1536, 0],
+                     "eap: node pruning, seed 2": [1536, 1536, 0]}  # fmt: skip
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["eap, seed 1: runs 3,072, NP needs 50",
+                      "eap, seed 2: runs 3,072, NP needs 3,072"]  # fmt: skip
