@@ -33,40 +33,46 @@ ROWS = GENERATED / "edge_pruning_target.jsonl"
 PAGE = GENERATED / "edge_pruning_target.md"
 
 
-def load(spec: str) -> tuple[Any, Any, str]:
-    """Model, training task and a one-line description for MODEL (see the module docstring)."""
+def load(spec: str) -> tuple[Any, Any, str, Any]:
+    """Model, training task, a one-line description for MODEL (see the module docstring) and
+    prompts it was not trained on (SmolLM2: IOI from unseen templates and names; planted:
+    none, its prompts are all of one kind)."""
     if spec.startswith("planted:"):
         from tl_nodeprune.planted import planted_problem
 
         _, layers, heads = spec.split(":")
         problem = planted_problem("bridge-llama", seed=0, n_layers=int(layers),
                                   n_heads=int(heads), d_head=16, d_mlp=64)  # fmt: skip
-        return problem.model, problem.task, f"planted, {len(problem.circuit.heads)} heads"
+        what = f"planted, {len(problem.circuit.heads)} heads"
+        return problem.model, problem.task, what, None
     import tl_nodeprune as tnp
 
     model = tnp.load_model(spec)
-    return model, tnp.tasks.ioi(model, n=64, seed=0), "IOI, 64 prompts"
+    unseen = tnp.tasks.ioi_independent(model, n=64, seed=1)
+    return model, tnp.tasks.ioi(model, n=64, seed=0), "IOI, 64 prompts", unseen
 
 
-def run_point(spec: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """One run until the target (or the cap), in this process: its steps, time and memory."""
+def run_point(spec: str, settings: dict[str, Any], save: Path | None = None) -> dict[str, Any]:
+    """One run until the target (or the cap), in this process: its steps, time, memory and its
+    circuit's faithfulness with the other edges ablated (the circuit saved to `save`)."""
     import torch
 
     from tl_nodeprune.baselines.edge_pruning import EdgePruneConfig, edge_pruning
     from tl_nodeprune.baselines.graph import EdgeGraph
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model, task, what = load(spec)
+    model, task, what, unseen = load(spec)
     cfg = EdgePruneConfig(until_target=True, progress=False, **settings)
     reset_peak_rss()
     circuit = edge_pruning(model, task, cfg)
     peak = status_bytes("VmHWM") / GIB
     meta = circuit.meta
-    scored = None  # planted only: the other edges ablated, on the training prompts
-    if spec.startswith("planted:"):
-        from tl_nodeprune.baselines.edge_eval import evaluate_edges
+    if save is not None:
+        circuit.save(save)
+    from tl_nodeprune.baselines.edge_eval import evaluate_edges
 
-        scored = evaluate_edges(model, circuit, task)
+    scored = evaluate_edges(model, circuit, task)  # the other edges ablated
+    held = None if unseen is None else evaluate_edges(model, circuit, unseen)
     return {
         "model": spec,
         "task": what,
@@ -82,18 +88,21 @@ def run_point(spec: str, settings: dict[str, Any]) -> dict[str, Any]:
         "seconds": meta["seconds"],  # after loading, the reference run included
         "s_per_step": meta["seconds_per_step"],  # the steps alone, the first (slower) included
         "peak_rss_gib": peak,
-        "edge_f": None if scored is None else scored.faithfulness,
-        "edge_kl": None if scored is None else scored.kl,
+        "edge_f": scored.faithfulness,
+        "edge_kl": scored.kl,
+        "unseen_f": None if held is None else held.faithfulness,
+        "unseen_kl": None if held is None else held.kl,
         "threads": torch.get_num_threads(),
         "trace": meta["trace"],
         "command": "OMP_NUM_THREADS=1 PYTHONPATH=. python " + shlex.join(sys.argv),
     }
 
 
-def scores(row: dict[str, Any]) -> str:
-    """Faithfulness and KL of the circuit with the other edges ablated, where measured."""
-    f = row.get("edge_f")
-    return "" if f is None else f"{f:.3f} ({row['edge_kl']:.3f})"
+def scores(row: dict[str, Any], prompts: str = "edge") -> str:
+    """Faithfulness and KL of the circuit with the other edges ablated, where measured, on the
+    training prompts (`edge`) or the unseen ones (`unseen`)."""
+    f = row.get(f"{prompts}_f")
+    return "" if f is None else f"{f:.3f} ({row[f'{prompts}_kl']:.3f})"
 
 
 def kept_at(trace: list[dict[str, float]], steps: int) -> str:
@@ -105,11 +114,13 @@ def kept_at(trace: list[dict[str, float]], steps: int) -> str:
 def costs(rows: list[dict[str, Any]], steps: tuple[int, ...] = (300, 1000, 3000)) -> list[str]:
     """SmolLM2's measured seconds per step times step counts (3,000: the paper's default)."""
     smol = [r for r in rows if r["model"].startswith("smollm2")]
-    lines = ["", "SmolLM2 on this CPU, one thread: measured s/step x steps", ""] if smol else []
+    lines = ["", "SmolLM2 on this CPU: measured s/step x steps", ""] if smol else []
     for r in smol:
         hours = ", ".join(f"{n:,} steps {r['s_per_step'] * n / 3600:.1f} h" for n in steps)
         note = f" ({r['note']})" if r.get("note") else ""
-        lines.append(f"- batch {r['batch_size']} ({r['s_per_step']:.2f} s/step): {hours}{note}")
+        threads = r.get("threads", 1)
+        lines.append(f"- batch {r['batch_size']}, {threads} thread{'s' * (threads > 1)} "
+                     f"({r['s_per_step']:.2f} s/step): {hours}{note}")
     return lines
 
 
@@ -117,7 +128,8 @@ def write_page(rows: list[dict[str, Any]]) -> None:
     """docs/generated/edge_pruning_target.md: one table row per run, then their commands."""
     cols = ["model", "task", "edges", "batch", "target kept", "warm-up", "steps run (cap)",
             "met target", "kept at warm-up end", "kept at 300", "kept at 1000", "kept at end",
-            "expected kept at end", "batch KL at end", "f (KL), edges ablated", "s / step",
+            "expected kept at end", "batch KL at end", "f (KL), training prompts",
+            "f (KL), unseen templates and names", "s / step",
             "peak RSS GiB", "note"]  # fmt: skip
     table = [
         [r["model"], r["task"], f"{r['n_edges']:,}", r["batch_size"],
@@ -126,19 +138,23 @@ def write_page(rows: list[dict[str, Any]]) -> None:
          kept_at(r["trace"], r["warmup_steps"]), kept_at(r["trace"], 300),
          kept_at(r["trace"], 1000), f"{r['kept_edges']:.3f}",
          f"{r['trace'][-1]['expected_edges']:.3f}", f"{r['final_kl']:.3f}", scores(r),
+         scores(r, "unseen"),
          f"{r['s_per_step']:.2f}", f"{r['peak_rss_gib']:.1f}", r.get("note", "")]
         for r in rows
     ]  # fmt: skip
     lines = [
         "# Edge pruning until its target edge sparsity",
         "",
-        "Written by `bench/edge_pruning_target.py` (prose: docs/baselines.md). One thread, CPU.",
+        "Written by `bench/edge_pruning_target.py` (prose: docs/baselines.md). CPU, one thread",
+        "unless the row's note says otherwise.",
         "Kept: the fraction of edges whose deterministic gate is above the threshold (the",
         "circuit's edges); the run stops at the first step where it is at most the target.",
         "The target counts once the warm-up is over. Expected kept: the mean P(gate != 0),",
         "which the Lagrangian holds to the target. Batch KL: the last step's training batch,",
-        "masks sampled. f (KL): planted rows, the circuit scored on its training prompts with",
-        "the edges outside it ablated (`evaluate_edges`). Kept at N: logged every 25 steps,",
+        "masks sampled. f (KL): the circuit scored with the edges outside it ablated",
+        "(`evaluate_edges`), on its training prompts and (SmolLM2) on 64 IOI prompts from",
+        "templates and names it never saw (`ioi_independent`, seed 1); blank in rows run",
+        "before it was measured. Kept at N: logged every 25 steps,"
         "the last logged at or before N (blank past the steps run). s / step: the steps alone,",
         "the first",
         "(slower) one included. Peak RSS: the process's high-water mark from just before the",
@@ -167,6 +183,7 @@ def main() -> None:
     p.add_argument("--settings", default="{}", help="JSON of further EdgePruneConfig fields")
     p.add_argument("--note", default="", help="a remark for this run's row")
     p.add_argument("--rows", action="store_true", help="rewrite the page from the saved rows")
+    p.add_argument("--save", type=Path, default=None, help="write the circuit here (JSON)")
     args = p.parse_args()
     if not args.rows:
         settings = {"steps": args.max_steps, "batch_size": args.batch, "log_every": 25,
@@ -174,7 +191,7 @@ def main() -> None:
         if args.target is not None:
             settings["target_edge_sparsity"] = args.target
         start = time.perf_counter()
-        row = run_point(args.model, settings)
+        row = run_point(args.model, settings, args.save)
         row["wall_s"], row["note"] = time.perf_counter() - start, args.note
         GENERATED.mkdir(parents=True, exist_ok=True)
         with ROWS.open("a") as f:
