@@ -94,7 +94,8 @@ def run_point(spec: str, settings: dict[str, Any], save: Path | None = None) -> 
         "unseen_kl": None if held is None else held.kl,
         "threads": torch.get_num_threads(),
         "trace": meta["trace"],
-        "command": "OMP_NUM_THREADS=1 PYTHONPATH=. python " + shlex.join(sys.argv),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')} PYTHONPATH=. "
+        "python " + shlex.join(sys.argv),
     }
 
 
