@@ -125,8 +125,7 @@ def neurons_figure(layers: pd.DataFrame) -> go.Figure:
     circuits = [str(n) for n in dict.fromkeys(layers.index) if not str(n).endswith(NP_SUFFIX)]
     seeds = sorted(set(layers.seed))
     panels = [(c, s) for c in circuits for s in seeds]
-    per_layer = {(str(n), seed): row.drop("seed") for n, row in layers.iterrows()
-                 for seed in [row.seed]}  # fmt: skip
+    per_layer = {(str(n), row.seed): row.drop("seed") for n, row in layers.iterrows()}
 
     def title(circuit: str, seed: int) -> str:
         runs, needs = per_layer.get((circuit, seed)), per_layer.get((circuit + NP_SUFFIX, seed))

@@ -88,6 +88,7 @@ def test_the_neurons_search_goes_up_the_grid_and_bisects_to_its_step():
     measure, asked = measured(lambda k: 1.0 if k >= 41_000 else 0.5)
     assert smallest_reaching(measure, 46_080, 0.9) == 41_000
     assert 40_999 in asked
+    assert len(asked) <= 27  # total, the grid's 11 sizes up to the hit, 15 halvings of 23,040
     measure, coarse = measured(lambda k: 1.0 if k >= 41_000 else 0.5)
     assert 41_000 <= smallest_reaching(measure, 46_080, 0.9, step=460) <= 41_460
     assert len(coarse) < len(asked) - 4
